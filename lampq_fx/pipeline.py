@@ -1,0 +1,334 @@
+"""The main job: quantize one model at several budgets with LampQ and a baseline, and report."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lampq_fx.allocation.space import Allocation, Budget, SearchSpace, uniform_bops
+from lampq_fx.analysis.layer_types import LayerInfo
+from lampq_fx.data import (
+    DataError,
+    TensorBatches,
+    calibration_from_folder,
+    check_splits,
+    evaluation_batches,
+    open_image_folder,
+)
+from lampq_fx.io import write_json_atomic, write_text_atomic
+from lampq_fx.report import allocation_metrics, format_table, plot_bits_per_layer, write_allocation
+from lampq_fx.session import CalibrationSet, LampQSession
+from lampq_fx.strategies import get_strategy
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_MODEL = "reference"
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """A budget as the user wrote it, resolved against the model's layers later.
+
+    ``text`` forms: ``wbits=4`` (or ``4``), ``mb=2.5``, ``gbops=1.2``, and ``w4a4``:
+    the BOPs of uniform W4A4, with activation bits allocated from {4, 6, 8}.
+    """
+
+    text: str
+    kind: str
+    value: float
+    act_bits: tuple[int, ...] | None = None
+
+    def resolve(self, layers: Sequence[LayerInfo]) -> Budget:
+        if self.kind == "uniform_bops":
+            weight_bits, act_bits = int(self.value), self.act_bits[0]
+            return Budget("bops", uniform_bops(layers, weight_bits, act_bits),
+                          label=f"W{weight_bits}A{act_bits}-eq BOPs")
+        if self.kind == "avg_weight_bits":
+            return Budget(self.kind, self.value, label=f"W{self.value:g} avg")
+        return Budget(self.kind, self.value)
+
+    def space(self, base: SearchSpace) -> SearchSpace:
+        if self.act_bits is None:
+            return base
+        return SearchSpace(base.weight_bits, self.act_bits, base.min_bits)
+
+
+def parse_budget(text: str) -> BudgetSpec:
+    cleaned = text.strip().lower()
+    mixed = re.fullmatch(r"w(\d)a(\d)", cleaned)
+    if mixed:
+        weight_bits, act_bits = int(mixed.group(1)), int(mixed.group(2))
+        if not (2 <= weight_bits <= 8 and 2 <= act_bits <= 8):
+            raise ValueError(f"budget {text!r}: bit-widths must be from 2 to 8")
+        allocated = tuple(sorted({act_bits, *[b for b in (6, 8) if b > act_bits]}))
+        return BudgetSpec(text, "uniform_bops", float(weight_bits), (act_bits, *allocated[1:]))
+    match = re.fullmatch(r"(?:(wbits|mb|gbops|bops)=)?([0-9.eE+-]+)", cleaned)
+    if not match:
+        raise ValueError(f"cannot parse budget {text!r}; use wbits=4, mb=2.5, gbops=1.2 or w4a4")
+    kind_name, number = match.group(1) or "wbits", match.group(2)
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"budget {text!r}: {number!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"budget {text!r} must be positive")
+    if kind_name == "wbits":
+        return BudgetSpec(text, "avg_weight_bits", value)
+    if kind_name == "mb":
+        return BudgetSpec(text, "size_mb", value)
+    return BudgetSpec(text, "bops", value * 1e9 if kind_name == "gbops" else value)
+
+
+@dataclass
+class RunConfig:
+    model: str = REFERENCE_MODEL
+    checkpoint: Path | None = None
+    pretrained: bool = False
+    data: Path | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    budgets: list[str] = field(default_factory=lambda: ["wbits=4", "wbits=3", "w4a4"])
+    strategy: str = "lampq"
+    baseline: str = "uniform"
+    weight_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    act_bits: tuple[int, ...] = (8,)
+    min_bits: dict[str, int] = field(default_factory=dict)
+    rounds: int = 3
+    solver: str = "auto"
+    time_limit_s: float = 60.0
+    calib_images: int | None = None
+    eval_images: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+    out: Path = Path("lampq-out")
+    cache: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class LoadedTask:
+    model: nn.Module
+    calibration: CalibrationSet
+    evaluation: object | None
+    description: str
+
+
+def _load_reference(config: RunConfig) -> LoadedTask:
+    from lampq_fx.reference import load_reference_model, load_reference_sample
+    sample = load_reference_sample()
+    calib_count = config.calib_images or len(sample["calib_images"])
+    test_count = config.eval_images or len(sample["test_images"])
+    calibration = CalibrationSet(sample["calib_images"][:calib_count], sample["calib_labels"][:calib_count])
+    evaluation = TensorBatches(sample["test_images"][:test_count], sample["test_labels"][:test_count],
+                               batch_size=256)
+    return LoadedTask(load_reference_model(), calibration, evaluation,
+                      f"embedded Fashion-MNIST ViT, {calib_count} calibration images, "
+                      f"{test_count} test images")
+
+
+def _create_timm_model(config: RunConfig) -> nn.Module:
+    import timm
+    kwargs = {}
+    if config.num_classes is not None:
+        kwargs["num_classes"] = config.num_classes
+    if config.img_size is not None:
+        kwargs["img_size"] = config.img_size
+    try:
+        model = timm.create_model(config.model, pretrained=config.pretrained, **kwargs)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise ValueError(f"unknown timm model {config.model!r}: {error}") from error
+        raise
+    except OSError as error:
+        raise RuntimeError(f"downloading pretrained weights for {config.model} failed ({error}); "
+                           "offline, pass the weights with --checkpoint FILE") from error
+    if config.checkpoint is not None:
+        if not config.checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint {config.checkpoint} not found")
+        state = torch.load(config.checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {config.checkpoint} does not match {config.model}: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    elif not config.pretrained:
+        logger.warning("no --checkpoint and no --pretrained: %s has random weights", config.model)
+    return model.eval()
+
+
+def _load_timm_task(config: RunConfig) -> LoadedTask:
+    from timm.data import create_transform, resolve_data_config
+    model = _create_timm_model(config)
+    data_config = resolve_data_config({}, model=model)
+    in_chans = data_config["input_size"][0]
+    if config.img_size is not None:
+        # timm keeps the pretrained input size in the data config even when img_size changes.
+        data_config["input_size"] = (in_chans, config.img_size, config.img_size)
+    calib_count = config.calib_images or 256
+    if config.data is None:
+        # No data: Gaussian-noise images labelled with the model's own predictions.
+        logger.warning("no --data: calibrating on %d Gaussian-noise images labelled by the model's "
+                       "own predictions; no accuracy is measured", calib_count)
+        generator = torch.Generator().manual_seed(config.seed)
+        images = torch.randn(calib_count, *data_config["input_size"], generator=generator)
+        with torch.no_grad():
+            labels = torch.cat([model(images[i:i + 16]).argmax(-1) for i in range(0, calib_count, 16)])
+        return LoadedTask(model, CalibrationSet(images, labels), None,
+                          f"{config.model}, {calib_count} Gaussian-noise calibration images")
+    transform = create_transform(**data_config, is_training=False)
+    train = open_image_folder(config.data, "train", transform, in_chans)
+    test = open_image_folder(config.data, "test", transform, in_chans)
+    check_splits(train, test, getattr(model, "num_classes", 0), config.data)
+    calibration = calibration_from_folder(train, calib_count, config.seed, config.progress)
+    evaluation = evaluation_batches(test, config.eval_images, config.seed, config.batch_size)
+    return LoadedTask(model, calibration, evaluation,
+                      f"{config.model} on {config.data}, {len(calibration.images)} calibration images, "
+                      f"{len(evaluation.dataset)} test images")
+
+
+def load_task(config: RunConfig) -> LoadedTask:
+    if config.model == REFERENCE_MODEL:
+        if config.data is not None or config.checkpoint is not None:
+            raise ValueError("--data and --checkpoint need --model NAME; the reference model "
+                             "brings its own weights and data")
+        return _load_reference(config)
+    return _load_timm_task(config)
+
+
+def _versions(allocations: Sequence[Allocation]) -> dict:
+    import scipy
+    import timm
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "timm": timm.__version__, "scipy": scipy.__version__}
+    try:
+        import gurobipy
+        versions["gurobipy"] = ".".join(map(str, gurobipy.gurobi.version()))
+    except Exception as error:  # any import or license failure means "not available"
+        versions["gurobipy"] = f"unavailable ({type(error).__name__})"
+    solvers = sorted({f"{a.solver['name']} {a.solver['version']}" for a in allocations if a.solver})
+    versions["solvers_used"] = solvers
+    return versions
+
+
+def run(config: RunConfig) -> dict:
+    """Run the main job and write allocation.json, report.md and plots under ``config.out``."""
+    started = time.perf_counter()
+    specs = [parse_budget(text) for text in config.budgets]
+    base_space = SearchSpace(tuple(config.weight_bits), tuple(config.act_bits), dict(config.min_bits))
+    task = load_task(config)
+    torch.manual_seed(config.seed)
+    logger.info("task: %s", task.description)
+
+    session = LampQSession(task.model, task.calibration, batch_size=config.batch_size, seed=config.seed,
+                           cache_dir=config.cache, progress=config.progress)
+    session.calibrate()
+    fp32_top1 = session.evaluate(task.evaluation, None, "evaluation FP32") if task.evaluation else None
+    if fp32_top1 is not None:
+        logger.info("FP32 top-1 %.2f%%", 100 * fp32_top1)
+
+    strategy = get_strategy(config.strategy, **_strategy_options(config, config.strategy))
+    baseline = get_strategy(config.baseline, **_strategy_options(config, config.baseline)) \
+        if config.baseline else None
+    rows, summary_budgets, used = [], [], []
+    for spec in specs:
+        budget = spec.resolve(session.layers)
+        space = spec.space(base_space)
+        directory = config.out / budget.slug
+        allocations = {}
+        for method in [s for s in (baseline, strategy) if s is not None]:
+            allocation = method.allocate(session, budget, space)
+            top1 = session.evaluate(task.evaluation, allocation, f"evaluation {method.name} {budget.label}") \
+                if task.evaluation else None
+            metrics = allocation_metrics(session.layers, allocation.choices, session.float_bytes)
+            rows.append({"budget": budget.label, "strategy": method.name, "top1": top1, "metrics": metrics})
+            allocations[method.name] = allocation
+            used.append(allocation)
+            logger.info("%s %s: top-1 %s, avg W bits %.2f, avg A bits %.2f", budget.label, method.name,
+                        f"{100 * top1:.2f}%" if top1 is not None else "n/a",
+                        metrics["avg_weight_bits"], metrics["avg_act_bits"])
+            session.apply(allocation)  # records the bits in node.meta for the file below
+            name = "allocation.json" if method is strategy else f"allocation-{method.name}.json"
+            write_allocation(directory / name, allocation, session.layers, session.float_bytes,
+                             extra={"top1": top1, "seed": config.seed})
+            session.apply(None)
+        plot_bits_per_layer(directory / "bits_per_layer.png", session.layers,
+                            {f"{name} ({budget.label})": a for name, a in allocations.items()},
+                            title=f"{task.description.split(',')[0]}: bits per layer")
+        summary_budgets.append({"budget": budget.to_dict(), "directory": str(directory)})
+
+    table = session.sensitivity(base_space) if config.strategy.startswith("lampq") else None
+    summary = {
+        "task": task.description,
+        "fp32_top1": fp32_top1,
+        "results": rows,
+        "budgets": summary_budgets,
+        "seed": config.seed,
+        "calibration_images": len(task.calibration.images),
+        "search_space": base_space.to_dict(),
+        "versions": _versions(used),
+        "type_scales": table.per_type_summary(_reference_choice(base_space)) if table else [],
+        "wall_time_s": time.perf_counter() - started,
+    }
+    config.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(config.out / "summary.json", summary)
+    write_text_atomic(config.out / "report.md", render_report(summary, used))
+    return summary
+
+
+def _reference_choice(space: SearchSpace):
+    from lampq_fx.allocation.space import BitChoice
+    return BitChoice(4 if 4 in space.weight_bits else space.weight_bits[0], max(space.act_bits))
+
+
+def _strategy_options(config: RunConfig, name: str) -> dict:
+    options = {"solver": config.solver, "time_limit_s": config.time_limit_s}
+    if name == "lampq":
+        options["rounds"] = config.rounds
+    return options
+
+
+def render_report(summary: dict, allocations: Sequence[Allocation]) -> str:
+    lines = [
+        "# lampq_fx report",
+        "",
+        f"Task: {summary['task']}. Seed {summary['seed']}, "
+        f"{summary['calibration_images']} calibration images, "
+        f"run time {summary['wall_time_s']:.0f} s.",
+        "",
+        format_table(summary["results"], summary["fp32_top1"]),
+        "",
+        "## Solver",
+        "",
+    ]
+    for allocation in allocations:
+        if allocation.solver:
+            s = allocation.solver
+            fallback = f"; fallback reason: {s['fallback_reason']}" if s.get("fallback_reason") else ""
+            kept = f"; kept round {s['selected_round']}" if "selected_round" in s else ""
+            lines.append(f"- {allocation.strategy}, {allocation.budget.label}: {s['name']} {s['version']}, "
+                         f"{s['status']}, objective {s['objective']:.6g}, gap {s['mip_gap']:.2g}{fallback}{kept}")
+            for entry in allocation.rounds:
+                loss = entry.get("calibration_loss")
+                loss_text = f"{loss:.4f}" if loss is not None else "not measured"
+                lines.append(f"  - round {entry['round']}: {len(entry['changed_layers'])} layers changed, "
+                             f"calibration loss {loss_text}{'; ' + entry['stopped'] if entry.get('stopped') else ''}")
+    if summary["type_scales"]:
+        lines += ["", "## Sensitivity per layer type (Ω summed over the type at W4, float-model Fisher)", "",
+                  "| type | layers | raw Ω | α_t | scaled Ω |", "|---|---:|---:|---:|---:|"]
+        for row in summary["type_scales"]:
+            lines.append(f"| {row['type']} | {row['layers']} | {row['raw']:.4g} | {row['alpha']:.4g} | "
+                         f"{row['scaled']:.4g} |")
+    versions = summary["versions"]
+    lines += ["", "## Environment", "",
+              ", ".join(f"{k} {v}" for k, v in versions.items() if k != "solvers_used"),
+              f"; solvers used: {', '.join(versions['solvers_used']) or 'none'}.", ""]
+    return "\n".join(lines)
