@@ -30,7 +30,7 @@ def _loader_for(mode: str) -> Callable[[str], Image.Image]:
             with Image.open(path) as image:
                 return image.convert(mode)
         except (UnidentifiedImageError, OSError) as error:
-            raise DataError(f"cannot read image {path}: {error}") from error
+            raise DataError(f"cannot read image {path}: {error}; remove or replace the file") from error
     return load
 
 
@@ -46,7 +46,7 @@ def open_image_folder(root: Path, split: str, transform: Callable, in_chans: int
         dataset = ImageFolder(str(folder), transform=transform,
                               loader=_loader_for("L" if in_chans == 1 else "RGB"))
     except FileNotFoundError as error:
-        raise DataError(f"no images found in {folder}: {error}. {LAYOUT_HINT}") from error
+        raise DataError(f"no images found in {folder}: {str(error).rstrip('.')}. {LAYOUT_HINT}") from error
     if len(dataset) == 0:
         raise DataError(f"no images found in {folder}; {LAYOUT_HINT}")
     return dataset

@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 REFERENCE_MODEL = "reference"
 
 
+class ModelLoadError(ValueError):
+    """A model or its weights could not be created or loaded."""
+
+
 @dataclass(frozen=True)
 class BudgetSpec:
     """A budget as the user wrote it, resolved against the model's layers later.
@@ -141,28 +145,47 @@ def _create_timm_model(config: RunConfig) -> nn.Module:
         kwargs["num_classes"] = config.num_classes
     if config.img_size is not None:
         kwargs["img_size"] = config.img_size
+    if config.model.split(".")[0] not in timm.list_models():
+        raise ModelLoadError(f"unknown timm model {config.model!r}; list the names with "
+                             "python -c \"import timm; print(timm.list_models('*vit*'))\"")
     try:
         model = timm.create_model(config.model, pretrained=config.pretrained, **kwargs)
-    except RuntimeError as error:
-        if "Unknown model" in str(error):
-            raise ValueError(f"unknown timm model {config.model!r}: {error}") from error
-        raise
-    except OSError as error:
-        raise RuntimeError(f"downloading pretrained weights for {config.model} failed ({error}); "
-                           "offline, pass the weights with --checkpoint FILE") from error
+    except Exception as error:
+        if not config.pretrained:
+            raise
+        # Hub clients raise many types (OSError, HTTP and offline errors): all mean "no weights".
+        raise ModelLoadError(f"downloading pretrained weights for {config.model} failed "
+                             f"({type(error).__name__}: {error}); offline, pass the weights with "
+                             "--checkpoint FILE") from error
     if config.checkpoint is not None:
-        if not config.checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint {config.checkpoint} not found")
-        state = torch.load(config.checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {config.checkpoint} does not match {config.model}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        _load_checkpoint(model, config.checkpoint, config.model)
     elif not config.pretrained:
         logger.warning("no --checkpoint and no --pretrained: %s has random weights", config.model)
     return model.eval()
+
+
+def _load_checkpoint(model: nn.Module, path: Path, model_name: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling raises many types; all mean "not a state dict"
+        raise ModelLoadError(f"cannot read checkpoint {path} ({type(error).__name__}: {error}); "
+                             "pass a file saved with torch.save(model.state_dict(), FILE)") from error
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()
+        raise ModelLoadError(f"checkpoint {path} does not fit {model_name}: "
+                             f"{' '.join(line.strip() for line in first_line[:3])}; check --model, "
+                             "--num-classes and --img-size") from error
+    if missing or unexpected:
+        raise ModelLoadError(f"checkpoint {path} does not match {model_name}: "
+                             f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 def _load_timm_task(config: RunConfig) -> LoadedTask:
@@ -224,6 +247,11 @@ def run(config: RunConfig) -> dict:
     started = time.perf_counter()
     specs = [parse_budget(text) for text in config.budgets]
     base_space = SearchSpace(tuple(config.weight_bits), tuple(config.act_bits), dict(config.min_bits))
+    strategy = get_strategy(config.strategy, **_strategy_options(config, config.strategy))
+    baseline = get_strategy(config.baseline, **_strategy_options(config, config.baseline)) \
+        if config.baseline else None
+    if config.out.exists() and not config.out.is_dir():
+        raise ValueError(f"--out {config.out} is a file, not a directory; choose another output path")
     task = load_task(config)
     torch.manual_seed(config.seed)
     logger.info("task: %s", task.description)
@@ -235,9 +263,6 @@ def run(config: RunConfig) -> dict:
     if fp32_top1 is not None:
         logger.info("FP32 top-1 %.2f%%", 100 * fp32_top1)
 
-    strategy = get_strategy(config.strategy, **_strategy_options(config, config.strategy))
-    baseline = get_strategy(config.baseline, **_strategy_options(config, config.baseline)) \
-        if config.baseline else None
     rows, summary_budgets, used = [], [], []
     for spec in specs:
         budget = spec.resolve(session.layers)
@@ -300,9 +325,7 @@ def render_report(summary: dict, allocations: Sequence[Allocation]) -> str:
     lines = [
         "# lampq_fx report",
         "",
-        f"Task: {summary['task']}. Seed {summary['seed']}, "
-        f"{summary['calibration_images']} calibration images, "
-        f"run time {summary['wall_time_s']:.0f} s.",
+        f"Task: {summary['task']}. Seed {summary['seed']}, run time {summary['wall_time_s']:.0f} s.",
         "",
         format_table(summary["results"], summary["fp32_top1"]),
         "",
@@ -319,16 +342,22 @@ def render_report(summary: dict, allocations: Sequence[Allocation]) -> str:
             for entry in allocation.rounds:
                 loss = entry.get("calibration_loss")
                 loss_text = f"{loss:.4f}" if loss is not None else "not measured"
-                lines.append(f"  - round {entry['round']}: {len(entry['changed_layers'])} layers changed, "
-                             f"calibration loss {loss_text}{'; ' + entry['stopped'] if entry.get('stopped') else ''}")
+                stopped = f"; {entry['stopped']}" if entry.get("stopped") else ""
+                if entry["round"] == "uniform":
+                    lines.append(f"  - uniform start: calibration loss {loss_text}")
+                elif entry["round"] == 0:
+                    lines.append(f"  - round 0 (float-model Fisher): calibration loss {loss_text}")
+                else:
+                    lines.append(f"  - round {entry['round']}: {len(entry['changed_layers'])} layers changed "
+                                 f"from the previous round, calibration loss {loss_text}{stopped}")
     if summary["type_scales"]:
         lines += ["", "## Sensitivity per layer type (Ω summed over the type at W4, float-model Fisher)", "",
-                  "| type | layers | raw Ω | α_t | scaled Ω |", "|---|---:|---:|---:|---:|"]
+                  "| type | layers | raw Ω | α_t | scaled Ω | note |", "|---|---:|---:|---:|---:|---|"]
         for row in summary["type_scales"]:
             lines.append(f"| {row['type']} | {row['layers']} | {row['raw']:.4g} | {row['alpha']:.4g} | "
-                         f"{row['scaled']:.4g} |")
+                         f"{row['scaled']:.4g} | {row.get('note', '')} |")
     versions = summary["versions"]
-    lines += ["", "## Environment", "",
-              ", ".join(f"{k} {v}" for k, v in versions.items() if k != "solvers_used"),
-              f"; solvers used: {', '.join(versions['solvers_used']) or 'none'}.", ""]
+    packages = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "solvers_used")
+    solvers = ", ".join(versions["solvers_used"]) or "none"
+    lines += ["", "## Environment", "", f"{packages}. Solvers used: {solvers}.", ""]
     return "\n".join(lines)

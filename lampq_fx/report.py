@@ -128,6 +128,7 @@ def plot_bits_per_layer(path: Path, layers: Sequence[LayerInfo],
         axis.plot(positions, acts, "k_", markersize=7, label="activation bits")
         axis.set_ylabel("bits")
         axis.set_ylim(0, 9)
+        axis.set_yticks([0, 2, 4, 6, 8])
         axis.set_title(label, fontsize=9)
         axis.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xticks(list(positions))
@@ -135,9 +136,10 @@ def plot_bits_per_layer(path: Path, layers: Sequence[LayerInfo],
     present = sorted({layer.layer_type for layer in layers}, key=lambda t: list(LayerType).index(t))
     handles = [Patch(color=TYPE_COLOURS[t], label=t.value) for t in present]
     handles.append(plt.Line2D([], [], color="k", marker="_", linestyle="", label="activation bits"))
-    figure.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles))
-    figure.suptitle(title + " (bars: weight bits; matmuls: activation bits)", fontsize=10, y=0.995)
-    figure.tight_layout(rect=(0, 0, 1, 0.96))
+    figure.suptitle(title + " (bars: weight bits, or activation bits for matmuls)", fontsize=10, y=0.995)
+    figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.965), fontsize=7,
+                  ncol=len(handles), frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.93))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)

@@ -121,9 +121,11 @@ class LampQStrategy(AllocationStrategy):
 
         best.rounds = rounds_log
         best.strategy = self.name
+        # For a kept uniform allocation, the solver block describes the round-0 ILP.
         best.solver = dict(best.solver or allocation.solver, selected_round=best_round,
                            allocation_time_s=time.perf_counter() - started)
         if best_round == "uniform":
+            best.objective = sum(layer.omega[best.choices[layer.name].label] for layer in session.layers)
             logger.info("%s: no mixed allocation beat uniform precision on the calibration set; "
                         "keeping the uniform allocation", self.name)
         return best

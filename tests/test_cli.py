@@ -54,7 +54,9 @@ def test_cli_reference_small_run(tmp_path, capsys):
     assert (out / "w4-avg" / "allocation-uniform.json").is_file()
     assert (out / "w4-avg" / "bits_per_layer.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
-    assert "FP32" in report and "Seed 3" in report and "torch 2.14.1" in report
+    assert "FP32" in report
+    assert "Seed 3" in report
+    assert "torch 2.14.1" in report
     summary = json.loads((out / "summary.json").read_text())
     assert summary["calibration_images"] == 64
 
@@ -111,3 +113,30 @@ def test_cli_bad_data_folder(tmp_path, caplog):
                  str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--no-progress"])
     assert code == 2
     assert "not found; --data expects an ImageFolder directory" in caplog.text
+
+
+def test_cli_checkpoint_errors(tmp_path, caplog):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"head.weight": torch.zeros(3, 3)}, wrong)
+    common = ["quantize", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--out", str(tmp_path / "out"),
+              "--no-progress"]
+    assert main([*common, "--checkpoint", str(garbage)]) == 2
+    assert f"cannot read checkpoint {garbage}" in caplog.text
+    caplog.clear()
+    assert main([*common, "--checkpoint", str(wrong)]) == 2
+    assert f"checkpoint {wrong} does not fit vit_tiny_patch16_224" in caplog.text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--min-bits", "mlp=8"], "unknown layer type 'mlp'; valid types: patch_embed, qkv"),
+    (["--min-bits", "head=9"], "head=9: bit-widths must be from 2 to 8"),
+    (["--time-limit", "-5"], "expected a positive number of seconds, got -5"),
+    (["--strategy", "nonsense"], "invalid choice: 'nonsense'"),
+])
+def test_cli_argument_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["quantize", *args])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err

@@ -144,3 +144,18 @@ def test_parse_budget_mixed_act_candidates():
 def test_parse_budget_errors(text):
     with pytest.raises(ValueError, match="budget"):
         parse_budget(text)
+
+
+def test_atomic_write_file_mode(tmp_path):
+    path = tmp_path / "report.md"
+    lampq_io.write_text_atomic(path, "text")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_wrong_input_size_error(tiny_vit):
+    # TinyViT's position embedding fits 8x8 images only.
+    calibration = lq.CalibrationSet(torch.randn(2, 1, 12, 12), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(lq.TracingError, match=r"failed on example inputs of shape \[\(1, 1, 12, 12\)\]"):
+        lq.LampQSession(tiny_vit, calibration, progress=False)

@@ -43,6 +43,13 @@ def _constraint(layers: Sequence[LayerInfo], candidates: Mapping[str, list[BitCh
                             unit="GBOPs"), 0.0
 
 
+def _budget_units(budget: Budget, constraint: BudgetConstraint, raw: float, fixed: float) -> float:
+    """Convert a constraint row's value to the budget's own unit (bits, MB or BOPs)."""
+    if budget.kind == "bops":
+        return raw
+    return raw / constraint.display_scale + fixed
+
+
 def check_budget_feasible(layers: Sequence[LayerInfo], candidates: Mapping[str, list[BitChoice]],
                           budget: Budget, float_bytes: int) -> None:
     """Raise ``InfeasibleBudgetError`` stating the smallest feasible budget."""
@@ -50,11 +57,13 @@ def check_budget_feasible(layers: Sequence[LayerInfo], candidates: Mapping[str, 
     smallest_raw = float(sum(row.min() for row in constraint.coefficients))
     if smallest_raw > constraint.limit * (1 + 1e-12):
         smallest = smallest_raw / constraint.display_scale + fixed
+        lowest = min(c.weight_bits or c.act_bits for choices in candidates.values() for c in choices)
+        advice = "raise the budget" if lowest <= 2 else \
+            "raise the budget or add lower bit-widths to the candidates"
         raise InfeasibleBudgetError(
             f"budget of {budget.value / (1e9 if budget.kind == 'bops' else 1):.4g} "
             f"{constraint.unit} is infeasible: the smallest feasible budget with these "
-            f"candidates is {smallest:.4g} {constraint.unit}; raise the budget or add "
-            "lower bit-widths to the candidates"
+            f"candidates is {smallest:.4g} {constraint.unit}; {advice}"
         )
 
 
@@ -72,7 +81,7 @@ def allocate_ilp(
     layers = table.layers
     candidates = table.candidates
     check_budget_feasible(layers, candidates, budget, float_bytes)
-    constraint, _ = _constraint(layers, candidates, budget, float_bytes)
+    constraint, fixed = _constraint(layers, candidates, budget, float_bytes)
     objective = [np.array([table.omega(layer, c, fisher) for c in candidates[layer.name]], dtype=float)
                  for layer in layers]
     problem = MCKPProblem(
@@ -99,6 +108,7 @@ def allocate_ilp(
             "mip_gap": solution.mip_gap,
             "wall_time_s": solution.wall_time_s,
             "fallback_reason": solution.fallback_reason,
-            "budget_used": solution.constraint_values[constraint.name] / constraint.display_scale,
+            "budget_used": _budget_units(budget, constraint, solution.constraint_values[constraint.name],
+                                         fixed),
         },
     )

@@ -121,7 +121,14 @@ def trace_model(
     graph_module = fx.GraphModule(working, graph, class_name=type(model).__name__ + "Traced")
 
     with torch.no_grad():
-        eager_out = working(*example_inputs)
+        try:
+            eager_out = working(*example_inputs)
+        except Exception as error:  # any failure here means the inputs do not fit the model
+            shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+            raise TracingError(
+                f"{type(model).__qualname__} failed on example inputs of shape {shapes}: "
+                f"{type(error).__name__}: {error}; pass inputs of the size the model expects"
+            ) from error
         traced_out = graph_module(*example_inputs)
     difference = _max_abs_difference(eager_out, traced_out)
     scale = max(1.0, _max_abs_difference(eager_out, _zeros_like_output(eager_out)))

@@ -112,6 +112,7 @@ class SensitivityTable:
             fit = self.alpha.get(layer.layer_type)
             row["scaled"] += raw * (fit.alpha if fit else 1.0)
             row["alpha"] = fit.alpha if fit else 1.0
+            row["note"] = fit.note if fit else "not fitted"
         return list(rows.values())
 
 
@@ -142,7 +143,7 @@ def fit_type_scales(
     fits: dict[LayerType, TypeScaleFit] = {}
     for layer_type, members in by_type.items():
         if all(len(table.candidates[m.name]) < 2 for m in members):
-            fits[layer_type] = TypeScaleFit(1.0, note="not fitted: a single candidate")
+            fits[layer_type] = TypeScaleFit(1.0, note="not fitted: one candidate per layer, so α has no effect")
             continue
         perturbations: list[tuple[int | None, int | None]] = []
         if any(m.has_weight for m in members):
@@ -174,8 +175,12 @@ def fit_type_scales(
         if fit.note:
             continue
         if not fit.alpha == fit.alpha or fit.alpha < floor:
-            fit.note = f"measured increase ≤ 0 or tiny: floored to {floor:.3g}"
+            fit.note = f"floored to {floor:.3g}: quantizing this type barely raised the calibration loss"
             fit.alpha = floor
+            logger.warning("α[%s] %s (measured ΔL: %s); its layers may be given few bits, so check "
+                           "that the calibration set is representative", layer_type.value, fit.note,
+                           ", ".join(f"{p['measured']:.3g}" for p in fit.points))
+            continue
         logger.info("α[%s] = %.3g from %s", layer_type.value, fit.alpha,
                     ", ".join(f"ΔL={p['measured']:.4g}/S={p['predicted']:.4g}" for p in fit.points))
     return fits
