@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "models: Gaussian-noise calibration, no accuracy)")
     quantize.add_argument("--num-classes", type=_positive_int, metavar="N", help="classifier outputs for a timm model")
     quantize.add_argument("--img-size", type=_positive_int, metavar="PIXELS", help="input resolution in pixels for a timm model")
+
     quantize.add_argument("--budget", action="append", dest="budgets", metavar="BUDGET",
                           help="budget, repeatable: wbits=4 (average weight bits), mb=2.5 (model size "
                                "in MB), gbops=1.2 (giga bit-operations per image), or w4a4 (BOPs of "
@@ -111,18 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--min-bits", type=_min_bits, default={}, metavar="TYPE=BITS,...",
                           help="per-type lower bounds on weight and activation bits, e.g. "
                                f"head=8,patch_embed=8; types: {', '.join(LAYER_TYPE_NAMES)}")
+
     quantize.add_argument("--rounds", type=_non_negative_int, default=3, metavar="K",
                           help="iterative-update rounds after the first ILP (default 3)")
     quantize.add_argument("--solver", choices=("auto", "gurobi", "highs"), default="auto",
                           help="ILP solver; auto tries Gurobi, then HiGHS (default auto)")
     quantize.add_argument("--time-limit", type=_positive_float, default=60.0, metavar="SECONDS",
                           help="ILP time limit in seconds (default 60)")
+
     quantize.add_argument("--calib-images", type=_positive_int, metavar="N",
                           help="calibration images (default 512 for the reference model, 256 otherwise)")
     quantize.add_argument("--eval-images", type=_positive_int, metavar="N",
                           help="test images to evaluate on (default all)")
     quantize.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="batch size (default 64)")
     quantize.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+
     quantize.add_argument("--out", type=Path, default=Path("lampq-out"), metavar="DIR",
                           help="output directory (default ./lampq-out)")
     quantize.add_argument("--cache", type=Path, metavar="DIR",

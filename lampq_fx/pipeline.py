@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lampq_fx.allocation.solve import check_budget_feasible
 from lampq_fx.allocation.space import Allocation, Budget, SearchSpace, uniform_bops
 from lampq_fx.analysis.layer_types import LayerInfo
 from lampq_fx.data import (
@@ -175,7 +176,7 @@ def _load_checkpoint(model: nn.Module, path: Path, model_name: str) -> None:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ModelLoadError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+        raise ModelLoadError(f"checkpoint {path} contains a {type(state).__name__}, not a state dict")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:
@@ -258,6 +259,10 @@ def run(config: RunConfig) -> dict:
 
     session = LampQSession(task.model, task.calibration, batch_size=config.batch_size, seed=config.seed,
                            cache_dir=config.cache, progress=config.progress)
+    for spec in specs:  # reject an infeasible budget before the long steps
+        check_budget_feasible(session.layers,
+                              {layer.name: spec.space(base_space).candidates(layer) for layer in session.layers},
+                              spec.resolve(session.layers), session.float_bytes)
     session.calibrate()
     fp32_top1 = session.evaluate(task.evaluation, None, "evaluation FP32") if task.evaluation else None
     if fp32_top1 is not None:

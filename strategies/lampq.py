@@ -12,9 +12,9 @@ Fisher traces F_r of the partly quantized model, and re-solves the ILP with the 
 of all traces measured so far. The mean damps a back-and-forth that re-solving on
 F_r alone shows: a coarse layer raises its neighbours' traces, the next ILP moves
 bits to them, and the round after moves them back. Every allocation's calibration loss is measured, the
-uniform one included, and the lowest one is kept: when the sensitivity model cannot
-find a mixed allocation that beats uniform precision on the calibration set, LampQ
-returns the uniform allocation and its round log says so. The loop stops when an
+uniform one included, and the lowest one is kept. So when the sensitivity model
+cannot find a mixed allocation that beats uniform precision on the calibration set,
+LampQ returns the uniform allocation, and ``solver['selected_round']`` is "uniform". The loop stops when an
 allocation repeats or after ``rounds`` rounds.
 """
 

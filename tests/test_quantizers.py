@@ -65,7 +65,8 @@ def test_log2_zeros_and_powers_of_two():
     x = torch.tensor([0.0, 1.0, 0.5, 0.25, 2.0 ** -20, 0.3, 0.0])
     q = fake_quantize_log2(x, torch.tensor(1.0), 4)
     assert torch.isfinite(q).all()
-    assert q[0] == 0 and q[-1] == 0
+    assert q[0] == 0
+    assert q[-1] == 0
     assert torch.equal(q[1:4], x[1:4])
     assert q[4] == 0  # below the smallest 4-bit level 2^-15
     assert q[5] == 0.25  # log2(0.3) = -1.74 rounds to -2

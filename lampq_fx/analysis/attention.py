@@ -5,7 +5,7 @@ hides its fused input projection and both attention matmuls, and
 ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` branch on tensor properties
 in their fast-path checks, which symbolic tracing cannot follow. The classes here
 compute the same function with the projection as an ``nn.Linear`` and the matmuls as
-graph nodes, so the layer-typing pass sees them.
+graph nodes, so the layer-typing pass finds them.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def _timm_notrace_lists() -> tuple[tuple[type, ...], tuple[Any, ...]]:
 class LampQTracer(fx.Tracer):
     """An FX tracer that honours timm's leaf lists and remembers where it failed.
 
-    ``scope_stack`` holds the qualified names of the modules being traced, so a
+    ``scope_stack`` contains the qualified names of the modules being traced, so a
     failure deep inside a model can name the module that raised it.
     """
 
@@ -103,7 +103,7 @@ def trace_model(
     """Trace a copy of ``model`` into an FX GraphModule with explicit attention matmuls.
 
     The copy is put in eval mode, fused attention is turned off and torch.nn attention
-    modules are swapped for traceable equivalents (``make_attention_traceable``); the
+    modules are swapped for traceable equivalents (``make_attention_traceable``). The
     caller's model is not modified. The traced module is checked against the eager copy
     on ``example_inputs`` (max abs difference ≤ ``check_tolerance`` times the output's
     scale) and ``TracingError`` is raised on failure or mismatch.

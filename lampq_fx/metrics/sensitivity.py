@@ -2,7 +2,7 @@
 
     Ω_i(b_w, b_a) = α_t(i) · ½ · [ tr(F^W_i) · mse_W,i(b_w) + Σ_k tr(F^X_i,k) · mse_X,i,k(b_a) ]
 
-tr(F) are the empirical Fisher traces of ``fisher.py``; mse is the mean squared
+tr(F) are the empirical Fisher traces of ``fisher.py``. mse is the mean squared
 quantization error per element of the weight (``mse_W``) and of each activation
 input k (``mse_X``, measured on calibration samples). The bracket is the
 second-order estimate of the loss increase, ½ Σ_j F_jj Δ_j², when the quantization

@@ -1,6 +1,6 @@
 """Quantizable replacements for the layers found by the graph analysis.
 
-Each module holds the float parameters of the layer it replaces, a weight bit-width
+Each module keeps the float parameters of the layer it replaces, a weight bit-width
 (``None`` = float) and one ``ActivationQuantizer`` per activation input. A module with
 every bit-width unset computes exactly what the original layer computes.
 """
