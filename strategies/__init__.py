@@ -5,6 +5,7 @@ This folder is installed as ``lampq_fx.strategies``. Each strategy turns a
 
 - ``lampq``: type-aware Fisher Ω, ILP, iterative update (the method of this package)
 - ``lampq-noiter``: the same without the iterative update
+- ``lampq-block``: LampQ with one bit pair per transformer block instead of per layer
 - ``fisher-ilp``: plain Fisher (no α_t) + ILP, no iterative update
 - ``hawq-v2``: Hutchinson Hessian traces × quantization error + ILP
 - ``uniform``: every layer at the highest common bit-width the budget allows

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 
-from lampq_fx.allocation.solve import allocate_ilp
+from lampq_fx.allocation.solve import allocate_ilp, block_groups
 from lampq_fx.allocation.space import Allocation, Budget, SearchSpace
 from lampq_fx.metrics.fisher import FisherTrace
 from lampq_fx.strategies.base import AllocationStrategy, register_strategy
@@ -48,7 +48,10 @@ class LampQStrategy(AllocationStrategy):
 
     def __init__(self, *, type_aware: bool = True, rounds: int = 3, solver: str = "auto",
                  time_limit_s: float = 60.0, name: str | None = None,
-                 uniform_start: bool = True) -> None:
+                 uniform_start: bool = True, granularity: str = "layer") -> None:
+        if granularity not in ("layer", "block"):
+            raise ValueError(f"granularity must be 'layer' or 'block', got {granularity!r}")
+        self.granularity = granularity
         if rounds < 0:
             raise ValueError(f"rounds must be ≥ 0, got {rounds}")
         self.type_aware = type_aware
@@ -68,8 +71,10 @@ class LampQStrategy(AllocationStrategy):
             return None
 
     def _solve(self, session, table, budget: Budget, fisher) -> Allocation:
+        groups = block_groups(session.layers) if self.granularity == "block" else None
         return allocate_ilp(table, budget, float_bytes=session.float_bytes, strategy=self.name,
-                            fisher=fisher, solver=self.solver, time_limit_s=self.time_limit_s)
+                            fisher=fisher, solver=self.solver, time_limit_s=self.time_limit_s,
+                            groups=groups)
 
     def allocate(self, session, budget: Budget, space: SearchSpace) -> Allocation:
         started = time.perf_counter()
@@ -134,5 +139,7 @@ class LampQStrategy(AllocationStrategy):
 register_strategy("lampq", LampQStrategy)
 register_strategy("lampq-noiter", lambda **options: LampQStrategy(
     **{"rounds": 0, "name": "lampq-noiter", **options}))
+register_strategy("lampq-block", lambda **options: LampQStrategy(
+    **{"granularity": "block", "name": "lampq-block", **options}))
 register_strategy("fisher-ilp", lambda **options: LampQStrategy(
     **{"type_aware": False, "rounds": 0, "name": "fisher-ilp", **options}))
