@@ -1,0 +1,139 @@
+"""Convert a DINOv2-style ViT exported to ONNX (Hugging Face Dinov2 naming) to timm.
+
+The ONNX export keeps the biases, norms, LayerScale factors and embeddings as named
+initializers (``backbone.encoder.layer.{i}.norm1.weight``, ...). The q/k/v, output,
+fc1 and fc2 weights are anonymous initializers feeding MatMul nodes named like
+``/backbone/encoder/layer.{i}/attention/attention/query/MatMul``. They are stored
+as [in, out], so they are transposed for ``nn.Linear``. The position embedding is
+split into the class-token entry [1, 1, C] and the patch grid [1, G², C], which is
+resized bicubically (``align_corners=False``) to the target grid, as the exported
+model does at run time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_MATMUL = re.compile(r"/backbone/encoder/layer\.(\d+)/(attention/attention/query|attention/attention/key|"
+                     r"attention/attention/value|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$")
+_ROLES = {"attention/attention/query": "q", "attention/attention/key": "k", "attention/attention/value": "v",
+          "attention/output/dense": "proj", "mlp/fc1": "fc1", "mlp/fc2": "fc2"}
+
+
+class ConversionError(ValueError):
+    """The ONNX graph does not have the layout this converter expects."""
+
+
+def _read_graph(path: Path) -> tuple[dict[str, np.ndarray], dict[tuple[int, str], np.ndarray]]:
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as error:
+        raise ImportError("converting ONNX weights needs the onnx package: pip install onnx") from error
+    model = onnx.load(str(path))
+    arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    matmuls: dict[tuple[int, str], np.ndarray] = {}
+    for node in model.graph.node:
+        match = _MATMUL.search(node.name) if node.op_type == "MatMul" else None
+        if match is None:
+            continue
+        weights = [name for name in node.input if name in arrays]
+        if len(weights) != 1:
+            raise ConversionError(f"MatMul node {node.name} has {len(weights)} weight initializers, expected 1")
+        matmuls[(int(match.group(1)), _ROLES[match.group(2)])] = arrays[weights[0]]
+    return arrays, matmuls
+
+
+def _position_parts(arrays: dict[str, np.ndarray], cls_token: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Find the class-token position entry [1, 1, C] and the patch grid [1, G², C]."""
+    width = cls_token.shape[-1]
+    grids = [a for n, a in arrays.items() if a.ndim == 3 and a.shape[0] == 1 and a.shape[2] == width
+             and a.shape[1] > 1 and math.isqrt(a.shape[1]) ** 2 == a.shape[1]]
+    entries = [a for n, a in arrays.items() if a.shape == (1, 1, width) and not n.endswith("cls_token")]
+    if len(grids) != 1 or len(entries) != 1:
+        raise ConversionError(f"expected one position grid and one class position entry, found "
+                              f"{len(grids)} grids and {len(entries)} entries")
+    return entries[0], grids[0]
+
+
+def resize_position_grid(grid: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a [1, G², C] position grid to [1, size², C] (bicubic, align_corners=False)."""
+    side = math.isqrt(grid.shape[1])
+    if side == size:
+        return grid
+    image = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(1, size * size, -1)
+
+
+def convert_dinov2_onnx(path: Path | str, grid_size: int) -> dict[str, torch.Tensor]:
+    """Return a state dict for timm's ``vit_small_patch14_dinov2``-style backbone (no head)."""
+    arrays, matmuls = _read_graph(Path(path))
+    prefix = "backbone.embeddings."
+    try:
+        cls_token = arrays[prefix + "cls_token"]
+        state = {
+            "cls_token": cls_token,
+            "patch_embed.proj.weight": arrays[prefix + "patch_embeddings.projection.weight"],
+            "patch_embed.proj.bias": arrays[prefix + "patch_embeddings.projection.bias"],
+            "norm.weight": arrays["backbone.layernorm.weight"],
+            "norm.bias": arrays["backbone.layernorm.bias"],
+        }
+    except KeyError as error:
+        raise ConversionError(f"initializer {error} not found: not a Dinov2-style ONNX export") from None
+    cls_position, grid = _position_parts(arrays, cls_token)
+    grid = resize_position_grid(torch.from_numpy(grid.copy()), grid_size)
+    state["pos_embed"] = torch.cat([torch.from_numpy(cls_position.copy()), grid], dim=1)
+
+    depth = 1 + max((index for index, _ in matmuls), default=-1)
+    if depth == 0:
+        raise ConversionError("no encoder MatMul nodes found")
+    for i in range(depth):
+        layer = f"backbone.encoder.layer.{i}."
+        try:
+            q, k, v = (matmuls[(i, role)].T for role in ("q", "k", "v"))
+            state[f"blocks.{i}.attn.qkv.weight"] = np.concatenate([q, k, v])
+            state[f"blocks.{i}.attn.qkv.bias"] = np.concatenate(
+                [arrays[layer + f"attention.attention.{n}.bias"] for n in ("query", "key", "value")])
+            state[f"blocks.{i}.attn.proj.weight"] = matmuls[(i, "proj")].T
+            state[f"blocks.{i}.attn.proj.bias"] = arrays[layer + "attention.output.dense.bias"]
+            state[f"blocks.{i}.mlp.fc1.weight"] = matmuls[(i, "fc1")].T
+            state[f"blocks.{i}.mlp.fc1.bias"] = arrays[layer + "mlp.fc1.bias"]
+            state[f"blocks.{i}.mlp.fc2.weight"] = matmuls[(i, "fc2")].T
+            state[f"blocks.{i}.mlp.fc2.bias"] = arrays[layer + "mlp.fc2.bias"]
+            for norm in ("norm1", "norm2"):
+                state[f"blocks.{i}.{norm}.weight"] = arrays[layer + f"{norm}.weight"]
+                state[f"blocks.{i}.{norm}.bias"] = arrays[layer + f"{norm}.bias"]
+            state[f"blocks.{i}.ls1.gamma"] = arrays[layer + "layer_scale1.lambda1"]
+            state[f"blocks.{i}.ls2.gamma"] = arrays[layer + "layer_scale2.lambda1"]
+        except KeyError as error:
+            raise ConversionError(f"block {i}: {error} not found in the ONNX graph") from None
+    return {name: _as_float_tensor(value) for name, value in state.items()}
+
+
+def _as_float_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().contiguous()
+    return torch.from_numpy(np.array(value, dtype=np.float32))
+
+
+def load_dinov2_from_onnx(path: Path | str, img_size: int = 224, **timm_kwargs) -> nn.Module:
+    """Build timm's ``vit_small_patch14_dinov2`` at ``img_size`` and load the converted weights."""
+    import timm
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size,
+                              num_classes=0, **timm_kwargs)
+    patch = model.patch_embed.patch_size[0]
+    state = convert_dinov2_onnx(path, img_size // patch)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not name.startswith("head")]
+    if missing or unexpected:
+        raise ConversionError(f"converted weights do not fit the timm model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model.eval()
