@@ -1,6 +1,6 @@
 """ViT-S/14 (DINOv2 weights from ONNX) with a linear CIFAR-10 head trained on its features.
 
-The backbone comes from ``load_dinov2_from_onnx``; the head is an ``nn.Linear(384, 10)``
+The backbone comes from ``load_dinov2_from_onnx``. The head is an ``nn.Linear(384, 10)``
 on the class token after the final LayerNorm (timm's ``global_pool='token'``), so the
 whole model is a plain timm ``vit_small_patch14_dinov2`` with ``num_classes=10``.
 Training the head (the backbone stays frozen):
