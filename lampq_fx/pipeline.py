@@ -17,7 +17,6 @@ from lampq_fx.allocation.solve import check_budget_feasible
 from lampq_fx.allocation.space import Allocation, Budget, SearchSpace, uniform_bops
 from lampq_fx.analysis.layer_types import LayerInfo
 from lampq_fx.data import (
-    DataError,
     TensorBatches,
     calibration_from_folder,
     check_splits,

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from lampq_fx.allocation.space import Allocation, BitChoice, SearchSpace
+from lampq_fx.allocation.space import Allocation, SearchSpace
 from lampq_fx.analysis.layer_types import META_KEY, LayerInfo, LayerType, annotate_layers
 from lampq_fx.analysis.tracing import trace_model
 from lampq_fx.io import write_json_atomic
@@ -288,6 +288,3 @@ class LampQSession:
         data[entry] = value
         write_json_atomic(path, data)
 
-
-def choices_from_bits(bits: BitMap) -> dict[str, BitChoice]:
-    return {name: BitChoice(*pair) for name, pair in bits.items()}

@@ -24,6 +24,7 @@ def _write_graph(path, rng, drop=None):
     arrays["onnx::Reshape_2"] = rng.standard_normal((1, GRID * GRID, WIDTH))
     arrays["backbone.layernorm.weight"] = rng.standard_normal(WIDTH)
     arrays["backbone.layernorm.bias"] = rng.standard_normal(WIDTH)
+
     shapes = {"attention/attention/query": (WIDTH, WIDTH), "attention/attention/key": (WIDTH, WIDTH),
               "attention/attention/value": (WIDTH, WIDTH), "attention/output/dense": (WIDTH, WIDTH),
               "mlp/fc1": (WIDTH, HIDDEN), "mlp/fc2": (HIDDEN, WIDTH)}
@@ -46,6 +47,7 @@ def _write_graph(path, rng, drop=None):
             arrays[weight] = rng.standard_normal(shape)
             nodes.append(helper.make_node("MatMul", [f"x{counter}", weight], [f"y{counter}"],
                                           name=f"/backbone/encoder/layer.{i}/{role}/MatMul"))
+
     if drop:
         del arrays[drop]
     initializers = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in arrays.items()]

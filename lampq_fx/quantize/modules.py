@@ -70,6 +70,7 @@ class QuantLayerModule(nn.Module):
             return float((self.quantized_weight(bits) - self.weight).pow(2).mean())
 
     def clear_weight_cache(self) -> None:
+        """Drop the cached quantized weights; call it after changing ``weight`` in place."""
         self._weight_cache.clear()
 
     def _effective_weight(self) -> torch.Tensor:
