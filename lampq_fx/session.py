@@ -26,6 +26,7 @@ from lampq_fx.analysis.layer_types import META_KEY, LayerInfo, LayerType, annota
 from lampq_fx.analysis.tracing import trace_model
 from lampq_fx.io import write_json_atomic
 from lampq_fx.metrics.fisher import FisherTrace, LossFunction, classification_loss, compute_fisher_traces
+from lampq_fx.metrics.hessian import HessianTraces, hutchinson_traces
 from lampq_fx.metrics.sensitivity import ErrorTable, SensitivityTable, TypeScaleFit, fit_type_scales
 from lampq_fx.quantize.prepare import apply_bits, calibrate, prepare_quantization, quant_modules
 
@@ -104,7 +105,11 @@ class LampQSession:
         self._float_fisher: dict[str, FisherTrace] | None = None
         self._float_loss: float | None = None
         self._alpha: dict[tuple, dict[LayerType, TypeScaleFit]] = {}
+        self._hessian: dict[int, HessianTraces] = {}
         self._cache_key = self._make_cache_key()
+        # Work done so far, for benchmarks: backward passes over calibration batches and
+        # full passes of the calibration set that measure a loss.
+        self.counts = {"backward_passes": 0, "loss_evaluations": 0}
 
     # ----- steps -------------------------------------------------------------------
     def calibrate(self) -> None:
@@ -137,6 +142,7 @@ class LampQSession:
                 logger.info("Fisher traces of the float model loaded from cache %s", self._cache_path())
                 return self._float_fisher
         self.apply(bits)
+        self.counts["backward_passes"] += len(self.calibration.batches(self.batch_size))
         try:
             traces = compute_fisher_traces(
                 self.graph_module, self.calibration.batches(self.batch_size), self.loss_fn,
@@ -149,12 +155,33 @@ class LampQSession:
             self._write_cache("fisher", {name: t.to_dict() for name, t in traces.items()})
         return traces
 
+    def hessian_traces(self, probes: int = 16) -> HessianTraces:
+        """Hutchinson Hessian traces of the float model (computed once per probe count)."""
+        if probes not in self._hessian:
+            self.apply(None)
+            traces = hutchinson_traces(self.graph_module, self.calibration.batches(self.batch_size),
+                                       self.loss_fn, probes=probes, seed=self.seed)
+            self.counts["backward_passes"] += traces.backward_passes
+            self._hessian[probes] = traces
+        return self._hessian[probes]
+
+    def reset_measurements(self) -> None:
+        """Forget every cached Fisher, Hessian, loss and α_t result (for cold timings).
+
+        The disk cache is left alone: a session with ``cache_dir`` still reads it.
+        """
+        self._float_fisher = None
+        self._float_loss = None
+        self._alpha.clear()
+        self._hessian.clear()
+
     @torch.no_grad()
     def calibration_loss(self, bits: BitMap | Allocation | None = None) -> float:
         """Mean task loss over the calibration set under ``bits``."""
         if bits is None and self._float_loss is not None:
             return self._float_loss
         self.apply(bits)
+        self.counts["loss_evaluations"] += 1
         try:
             total, count = 0.0, 0
             for images, labels in self.calibration.batches(self.batch_size):

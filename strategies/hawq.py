@@ -7,7 +7,8 @@ eigenvalue tr(H_i)/n_i times the squared error ||ΔW_i||² = n_i · mse. HAWQ-v2
 weights only, so the activation term keeps the empirical Fisher of the layer input,
 as LampQ does. With fixed activation bits that term does not change the allocation. There
 are no type scales and no iterative update, so the comparison isolates the
-curvature estimate.
+curvature estimate. The Hessian traces do not depend on the budget, so the session
+computes them once and later budgets reuse them, as the float Fisher is reused.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 from lampq_fx.allocation.solve import allocate_ilp
 from lampq_fx.allocation.space import Allocation, Budget, SearchSpace
 from lampq_fx.metrics.fisher import FisherTrace
-from lampq_fx.metrics.hessian import hutchinson_traces
 from lampq_fx.strategies.base import AllocationStrategy, register_strategy
 
 
@@ -32,9 +32,7 @@ class HawqV2Strategy(AllocationStrategy):
     def allocate(self, session, budget: Budget, space: SearchSpace) -> Allocation:
         started = time.perf_counter()
         table = session.sensitivity(space, type_aware=False)
-        session.apply(None)
-        hessian = hutchinson_traces(session.graph_module, session.calibration.batches(session.batch_size),
-                                    session.loss_fn, probes=self.probes, seed=session.seed)
+        hessian = session.hessian_traces(self.probes)
         curvature = {name: FisherTrace(hessian.traces.get(name, 0.0), list(trace.inputs))
                      for name, trace in table.fisher.items()}
         allocation = allocate_ilp(table, budget, float_bytes=session.float_bytes, strategy=self.name,

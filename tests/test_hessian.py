@@ -75,3 +75,16 @@ def test_hawq_strategy_meets_budget(session):
 def test_hutchinson_rejects_zero_probes(session):
     with pytest.raises(ValueError, match="probes must be ≥ 1"):
         hutchinson_traces(session.graph_module, session.calibration.batches(16), classification_loss, probes=0)
+
+
+def test_session_reuses_hessian_traces_across_budgets(session):
+    session.reset_measurements()
+    first = session.counts["backward_passes"]
+    lq.allocate(session, Budget("avg_weight_bits", 3.5), strategy="hawq-v2", probes=2)
+    after_first = session.counts["backward_passes"]
+    assert after_first - first >= 1 * (1 + 2)  # Hutchinson, plus the float Fisher when not cached
+    lq.allocate(session, Budget("avg_weight_bits", 4.5), strategy="hawq-v2", probes=2)
+    assert session.counts["backward_passes"] == after_first
+    session.reset_measurements()
+    lq.allocate(session, Budget("avg_weight_bits", 4.5), strategy="hawq-v2", probes=2)
+    assert session.counts["backward_passes"] - after_first == after_first - first

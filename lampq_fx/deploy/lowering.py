@@ -1,0 +1,302 @@
+"""Lower a bit allocation to CPU integer kernels.
+
+Kernel map, per layer of the allocation:
+
+* 8-bit weights (and any width from 5 to 7, promoted to 8): ``torch.ao`` FX static
+  int8 on the x86 backend. The input is quantized per tensor by a histogram observer
+  on the calibration images, the weight keeps the simulated quantizer's per-channel
+  symmetric codes and scales, and the output is requantized to int8 and dequantized
+  where a float op follows. ``mode="dynamic"`` uses dynamic int8 linear layers instead
+  (activation scales computed per batch; convolutions then stay float).
+* 4-bit weights (2 and 3 promoted to 4): ``Int4WeightOnlyLinear`` on
+  ``aten._weight_int4pack_mm_for_cpu`` with BF16 activations. Convolutions and layers
+  whose input width is not a multiple of 32 have no int4 kernel and go to int8.
+* Activation-by-activation matmuls (q·kᵀ, attn·v), LayerNorm, GELU and softmax stay
+  float32: the x86 backend has no integer kernel for them.
+
+Every change of bit-width is a ``LayerPlan`` with a reason, logged as one warning and
+listed in the report. ``simulated_bits`` gives the allocation after promotion, which
+is what the lowered model must agree with.
+
+The lowering sits behind ``LoweringBackend``: ``TorchAOFXBackend`` is the only
+implementation today, and a torchao pt2e backend can replace it without touching
+the planning, checks, serialization or benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lampq_fx.analysis.layer_types import LayerInfo, LayerKind
+from lampq_fx.deploy.kernels import (
+    GROUP_SIZES,
+    INT4_OUT_MULTIPLE,
+    Int4WeightOnlyLinear,
+    int4_kernel_available,
+    pick_group_size,
+)
+from lampq_fx.quantize.quantizers import quantize_weight_per_channel
+
+logger = logging.getLogger(__name__)
+
+KERNEL_WEIGHT_BITS = (4, 8)
+INT8_STATIC, INT8_DYNAMIC, INT4_WEIGHT_ONLY, FLOAT = "int8-static", "int8-dynamic", "int4-weight-only", "float32"
+Bits = tuple[int | None, int | None]
+
+
+@dataclass
+class LayerPlan:
+    """How one layer of the allocation runs after lowering."""
+
+    name: str
+    layer_type: str
+    kind: str
+    requested: Bits
+    kernel: str
+    bits: Bits  # the simulated bits that the kernel realises
+    reason: str = ""
+
+    @property
+    def promoted(self) -> bool:
+        return self.requested != self.bits
+
+
+def plan_lowering(layers: Sequence[LayerInfo], bits: Mapping[str, Bits], mode: str = "static") -> list[LayerPlan]:
+    """Map every layer's requested bits to a kernel and the bits that kernel realises."""
+    if mode not in ("static", "dynamic"):
+        raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
+    int8 = INT8_STATIC if mode == "static" else INT8_DYNAMIC
+    plans = []
+    for layer in layers:
+        requested = tuple(bits.get(layer.name, (None, None)))
+        weight_bits, act_bits = requested
+        common = dict(name=layer.name, layer_type=layer.layer_type.value, kind=layer.kind.value, requested=requested)
+        if layer.kind is LayerKind.MATMUL:
+            reason = "" if act_bits is None else "no integer kernel for activation-by-activation matmul"
+            plans.append(LayerPlan(**common, kernel=FLOAT, bits=(None, None), reason=reason))
+            continue
+        if weight_bits is None:
+            plans.append(LayerPlan(**common, kernel=FLOAT, bits=(None, None)))
+            continue
+        reasons = []
+        wants_int4 = weight_bits <= 4
+        if wants_int4 and layer.kind is LayerKind.CONV2D:
+            reasons.append("no int4 convolution kernel")
+            wants_int4 = False
+        elif wants_int4 and ((layer.weight_params // layer.out_channels) % GROUP_SIZES[0]
+                             or layer.out_channels % INT4_OUT_MULTIPLE):
+            reasons.append(f"int4 kernel needs input width a multiple of {GROUP_SIZES[0]} and output "
+                           f"width a multiple of {INT4_OUT_MULTIPLE}")
+            wants_int4 = False
+        elif wants_int4 and not int4_kernel_available():
+            reasons.append(f"torch {torch.__version__} has no int4 CPU kernel")
+            wants_int4 = False
+        if wants_int4:
+            if weight_bits != 4:
+                reasons.append(f"no {weight_bits}-bit kernel, weights promoted to 4 bits")
+            if act_bits is not None:
+                reasons.append("weight-only kernel, activations run in BF16")
+            plans.append(LayerPlan(**common, kernel=INT4_WEIGHT_ONLY, bits=(4, None), reason="; ".join(reasons)))
+            continue
+        if weight_bits not in (4, 8) or (weight_bits == 4 and reasons):
+            reasons.append(f"weights promoted from {weight_bits} to 8 bits")
+        if layer.kind is LayerKind.CONV2D and mode == "dynamic":
+            plans.append(LayerPlan(**common, kernel=FLOAT, bits=(None, None),
+                                   reason="no dynamic int8 convolution kernel, runs in float32"))
+            continue
+        if act_bits is not None and act_bits != 8:
+            reasons.append(f"activations promoted from {act_bits} to 8 bits")
+        plans.append(LayerPlan(**common, kernel=int8, bits=(8, 8), reason="; ".join(reasons)))
+    promoted = [p for p in plans if p.promoted]
+    if promoted:
+        logger.warning("%d of %d layers change bit-width to fit a CPU kernel (%s); the report lists each",
+                       len(promoted), len(plans), ", ".join(f"{p.name} {_label(p.requested)}→{_label(p.bits)}"
+                                                            for p in promoted[:4]) + (", …" if len(promoted) > 4 else ""))
+    return plans
+
+
+def _label(bits: Bits) -> str:
+    weight, act = bits
+    return (f"w{weight}" if weight is not None else "") + (f"a{act}" if act is not None else "a32")
+
+
+def simulated_bits(plans: Sequence[LayerPlan]) -> dict[str, Bits]:
+    """The allocation after promotion, for ``LampQSession.apply`` / ``evaluate``."""
+    return {p.name: p.bits for p in plans}
+
+
+class LoweringBackend(Protocol):
+    """Turns a float FX graph and a plan into a model that runs on integer kernels."""
+
+    name: str
+
+    def lower(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan],
+              calibration: Iterable[torch.Tensor], example: torch.Tensor) -> nn.Module: ...
+
+    def rebuild(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan], example: torch.Tensor) -> nn.Module:
+        """The same module structure without calibration, ready for ``load_state_dict``."""
+        ...
+
+
+def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The simulated quantizer's per-channel symmetric 8-bit weight as a qint8 tensor."""
+    dequantized, scale = quantize_weight_per_channel(weight, 8)
+    return torch.quantize_per_channel(dequantized.float(), scale.double(), torch.zeros_like(scale, dtype=torch.long),
+                                      0, torch.qint8)
+
+
+def _int4_module(linear: nn.Linear) -> Int4WeightOnlyLinear:
+    dequantized, scale = quantize_weight_per_channel(linear.weight, 4)
+    codes = torch.round(dequantized.float() / scale[:, None]).to(torch.int32)
+    return Int4WeightOnlyLinear.from_codes(codes, scale.float(), linear.bias,
+                                           pick_group_size(linear.in_features))
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+class TorchAOFXBackend:
+    """``torch.ao.quantization`` FX mode (prepare_fx / convert_fx) on the x86 backend."""
+
+    name = "torch.ao-fx-x86"
+
+    def __init__(self, reduce_range: bool = False) -> None:
+        # reduce_range=True (torch's x86 default) keeps 7-bit activations, which avoids
+        # overflow in the AVX2 u8·s8 instruction; VNNI and AMX machines do not need it.
+        self.reduce_range = reduce_range
+
+    def _qconfig_mapping(self, plans: Sequence[LayerPlan]):
+        from torch.ao.quantization import QConfig, QConfigMapping, default_dynamic_qconfig
+        from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
+        static = QConfig(activation=HistogramObserver.with_args(reduce_range=self.reduce_range),
+                         weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
+                                                                   qscheme=torch.per_channel_symmetric))
+        mapping = QConfigMapping().set_global(None)
+        for plan in plans:
+            if plan.kernel == INT8_STATIC:
+                mapping.set_module_name(plan.name, static)
+            elif plan.kernel == INT8_DYNAMIC:
+                mapping.set_module_name(plan.name, default_dynamic_qconfig)
+        return mapping
+
+    def _prepare(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan], example: torch.Tensor):
+        from torch.ao.quantization.backend_config import get_native_backend_config
+        from torch.ao.quantization.quantize_fx import prepare_fx
+        torch.backends.quantized.engine = "x86"
+        model = copy.deepcopy(float_model).eval()
+        return prepare_fx(model, self._qconfig_mapping(plans), example_inputs=(example,),
+                          backend_config=get_native_backend_config())
+
+    def _convert(self, prepared: fx.GraphModule, float_model: fx.GraphModule, plans: Sequence[LayerPlan]):
+        from torch.ao.quantization.quantize_fx import convert_fx
+        converted = convert_fx(prepared)
+        for plan in plans:
+            if plan.kernel in (INT8_STATIC, INT8_DYNAMIC):
+                module = converted.get_submodule(plan.name)
+                source = float_model.get_submodule(plan.name)
+                module.set_weight_bias(_int8_weight(source.weight), module.bias())
+            elif plan.kernel == INT4_WEIGHT_ONLY:
+                _set_submodule(converted, plan.name, _int4_module(float_model.get_submodule(plan.name)))
+        return converted
+
+    @torch.no_grad()
+    def lower(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan],
+              calibration: Iterable[torch.Tensor], example: torch.Tensor) -> nn.Module:
+        prepared = self._prepare(float_model, plans, example)
+        seen = 0
+        for images in calibration:
+            prepared(images)
+            seen += len(images)
+        if seen == 0 and any(p.kernel == INT8_STATIC for p in plans):
+            raise ValueError("static int8 lowering needs calibration images; none were given")
+        return self._convert(prepared, float_model, plans)
+
+    @torch.no_grad()
+    def rebuild(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan], example: torch.Tensor) -> nn.Module:
+        prepared = self._prepare(float_model, plans, example)
+        prepared(example)  # placeholder ranges; load_state_dict replaces every quantization parameter
+        return self._convert(prepared, float_model, plans)
+
+
+def default_backend() -> LoweringBackend:
+    return TorchAOFXBackend()
+
+
+def plan_table(plans: Sequence[LayerPlan]) -> str:
+    """Markdown: one row per layer whose bits changed, with the reason."""
+    rows = ["| layer | type | allocated | lowered | kernel | reason |", "|---|---|---|---|---|---|"]
+    for p in plans:
+        if p.promoted:
+            rows.append(f"| {p.name} | {p.layer_type} | {_label(p.requested)} | {_label(p.bits)} | {p.kernel} | "
+                        f"{p.reason} |")
+    return "\n".join(rows) if len(rows) > 2 else "No layer changed bit-width."
+
+
+_INTEGER_MODULES = {
+    "Linear": {"torch.ao.nn.quantized.modules.linear": "int8 static (x86)",
+               "torch.ao.nn.quantized.dynamic.modules.linear": "int8 dynamic (x86)"},
+    "Conv2d": {"torch.ao.nn.quantized.modules.conv": "int8 static (x86)"},
+}
+
+
+def _module_kernel(module: nn.Module) -> str:
+    if isinstance(module, Int4WeightOnlyLinear):
+        return "int4 weight-only, BF16 activations"
+    kind = _INTEGER_MODULES.get(type(module).__name__, {}).get(type(module).__module__)
+    if kind:
+        return kind
+    if type(module).__module__.startswith("torch.ao.nn.quantized"):
+        return "quantized"
+    return "float32"
+
+
+def op_table(model: nn.Module) -> list[dict]:
+    """Count every op of a lowered FX model and name the kernel it runs on."""
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError("op_table needs the FX GraphModule that lowering returns")
+    counts: Counter = Counter()
+    for node in model.graph.nodes:
+        if node.op == "call_module":
+            module = model.get_submodule(node.target)
+            if isinstance(module, (nn.Dropout, nn.Identity)):
+                continue
+            counts[(type(module).__name__, _module_kernel(module))] += 1
+        elif node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            if name in ("_assert", "getattr", "getitem", "size", "dim", "reshape", "view", "permute", "transpose",
+                        "flatten", "contiguous", "expand", "unbind", "chunk", "split", "cat", "__getitem__"):
+                continue  # shape and indexing ops move data, they compute nothing
+            if name in ("quantize_per_tensor", "quantize_per_tensor_dynamic"):
+                kernel = "float32 → int8"
+            elif name == "dequantize":
+                kernel = "int8 → float32"
+            else:
+                kernel = "float32"
+            counts[(name, kernel)] += 1
+    return [{"op": op, "runs_on": kernel, "count": count}
+            for (op, kernel), count in sorted(counts.items(), key=lambda item: (item[0][1], item[0][0]))]
+
+
+def format_op_table(rows: Sequence[dict]) -> str:
+    lines = ["| op | runs on | count |", "|---|---|---:|"]
+    lines += [f"| {row['op']} | {row['runs_on']} | {row['count']} |" for row in rows]
+    return "\n".join(lines)
+
+
+def plans_to_dicts(plans: Sequence[LayerPlan]) -> list[dict]:
+    return [asdict(p) for p in plans]
+
+
+def plans_from_dicts(data: Sequence[dict]) -> list[LayerPlan]:
+    return [LayerPlan(**{**d, "requested": tuple(d["requested"]), "bits": tuple(d["bits"])}) for d in data]

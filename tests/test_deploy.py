@@ -1,0 +1,225 @@
+"""Lowering to CPU kernels: the int4 kernel, per-layer agreement with the simulation, save/load, bench."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TinyViT
+from lampq_fx.deploy import (
+    Int4WeightOnlyLinear,
+    LoweredFileError,
+    compare_with_simulation,
+    load_lowered,
+    lower_session,
+    plan_lowering,
+    save_lowered,
+)
+from lampq_fx.deploy.kernels import int4_kernel_available
+from lampq_fx.deploy.lowering import FLOAT, INT4_WEIGHT_ONLY, INT8_STATIC, op_table
+from lampq_fx.quantize.quantizers import quantize_weight_per_channel
+from lampq_fx.session import CalibrationSet, LampQSession
+
+pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason="this torch has no int4 CPU kernel")
+
+
+def _dequantized_reference(q: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    scale = scales_and_zeros[..., 0].float().repeat_interleave(group, 0).T
+    zero = scales_and_zeros[..., 1].float().repeat_interleave(group, 0).T
+    return (q.float() - 8) * scale + zero
+
+
+@pytest.mark.parametrize("rows", [1, 197])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_matches_dequantized_matmul(rows, group, dtype):
+    generator = torch.Generator().manual_seed(rows + group)
+    out_features, in_features = 64, 256
+    q = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.int32)
+    scales_and_zeros = torch.stack([torch.rand(in_features // group, out_features, generator=generator) * 0.02 + 1e-3,
+                                    torch.randn(in_features // group, out_features, generator=generator) * 0.01],
+                                   dim=-1).to(dtype)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    result = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros).float()
+    weight = _dequantized_reference(q, scales_and_zeros, group)
+    reference = x.float() @ weight.T
+    # FP32: summation order only. BF16: the output is rounded to 8 significant bits.
+    bound = (x.float().abs() @ weight.abs().T) * (2 ** -7 if dtype == torch.bfloat16 else 1e-5)
+    assert torch.all((result - reference).abs() <= bound + 1e-6)
+
+
+def test_int4_codes_reproduce_simulated_weight():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64)
+    dequantized, scale = quantize_weight_per_channel(weight, 4)
+    codes = torch.round(dequantized / scale[:, None]).to(torch.int32)
+    module = Int4WeightOnlyLinear.from_codes(codes, scale, torch.zeros(32), group_size=32)
+    # Three BF16 roundings (scale, code × scale, kernel output), each at most 2^-9 relative.
+    assert torch.all((module.dequantized_weight() - dequantized).abs() <= dequantized.abs() * 3 * 2 ** -9 + 1e-7)
+    with pytest.raises(ValueError, match="out_features must be a multiple of 16"):
+        Int4WeightOnlyLinear.from_codes(codes[:10], scale[:10], None, group_size=32)
+    with pytest.raises(ValueError, match="int4 codes must lie in -8..7"):
+        Int4WeightOnlyLinear.from_codes(codes * 3, scale, None, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def wide_session():
+    torch.manual_seed(0)
+    model = TinyViT(dim=32, heads=2).eval()
+    images = torch.randn(48, 1, 8, 8)
+    with torch.no_grad():
+        labels = model(images).argmax(-1)
+    session = LampQSession(model, CalibrationSet(images, labels), batch_size=16, progress=False)
+    session.calibrate()
+    return session
+
+
+def _mixed_bits(session):
+    bits = {}
+    for index, layer in enumerate(session.layers):
+        bits[layer.name] = ((4 if index % 2 else 8), 8) if layer.has_weight else (None, 8)
+    return bits
+
+
+def test_plan_promotes_and_warns(wide_session, caplog):
+    bits = {layer.name: (3, 6) if layer.has_weight else (None, 8) for layer in wide_session.layers}
+    with caplog.at_level(logging.WARNING):
+        plans = {p.name: p for p in plan_lowering(wide_session.layers, bits)}
+    assert "change bit-width to fit a CPU kernel" in caplog.text
+    assert plans["blocks.0.up"].kernel == INT4_WEIGHT_ONLY and plans["blocks.0.up"].bits == (4, None)
+    assert "no 3-bit kernel" in plans["blocks.0.up"].reason
+    assert plans["alpha"].kernel == INT8_STATIC and plans["alpha"].bits == (8, 8)  # no int4 convolution
+    assert plans["omega"].bits == (8, 8) and "output width a multiple of 16" in plans["omega"].reason
+    matmul = next(p for p in plans.values() if p.kind == "matmul")
+    assert matmul.kernel == FLOAT and matmul.bits == (None, None)
+
+
+def _capture(module, names):
+    captured, handles = {}, []
+    for name in names:
+        def hook(_module, inputs, output, name=name):
+            captured[name] = (inputs[0], output)
+        handles.append(module.get_submodule(name).register_forward_hook(hook))
+    return captured, handles
+
+
+def test_each_lowered_layer_matches_its_simulation(wide_session):
+    lowered = lower_session(wide_session, _mixed_bits(wide_session))
+    kernel_layers = [p for p in lowered.plans if p.kernel in (INT8_STATIC, INT4_WEIGHT_ONLY)]
+    assert {p.kernel for p in kernel_layers} == {INT8_STATIC, INT4_WEIGHT_ONLY}
+    captured, handles = _capture(lowered.module, [p.name for p in kernel_layers])
+    with torch.no_grad():
+        lowered.module(wide_session.calibration.images[:16])
+    for handle in handles:
+        handle.remove()
+    for plan in kernel_layers:
+        source = wide_session.traced.get_submodule(plan.name)
+        weight, _ = quantize_weight_per_channel(source.weight, plan.bits[0])
+        inputs, output = captured[plan.name]
+        if plan.kernel == INT8_STATIC:
+            x = inputs.dequantize()
+            if isinstance(source, torch.nn.Conv2d):
+                reference = F.conv2d(x, weight, source.bias, source.stride)
+            else:
+                reference = F.linear(x, weight, source.bias)
+            # Integer accumulation is exact; only the output requantization rounds: half a step.
+            step = output.q_scale()
+            assert float((output.dequantize() - reference).abs().max()) <= 0.5 * step + 1e-5, plan.name
+        else:
+            reference = F.linear(inputs.to(torch.bfloat16).float(), weight, source.bias)
+            bound = (inputs.abs().float() @ weight.abs().T) * 2 ** -6 + 1e-5  # BF16 scales and output
+            assert torch.all((output - reference).abs() <= bound), plan.name
+
+
+def test_op_table_lists_float_ops(wide_session):
+    lowered = lower_session(wide_session, {l.name: (8, 8) if l.has_weight else (None, None)
+                                           for l in wide_session.layers})
+    rows = {(row["op"], row["runs_on"]): row["count"] for row in op_table(lowered.module)}
+    assert rows[("Linear", "int8 static (x86)")] == 9  # 4 per block and the head
+    assert rows[("Conv2d", "int8 static (x86)")] == 1
+    assert rows[("LayerNorm", "float32")] == 5
+    assert rows[("softmax", "float32")] == 2 and rows[("gelu", "float32")] == 2
+    assert rows[("matmul", "float32")] == 4
+
+
+def test_lowered_model_agrees_with_simulation(wide_session):
+    lowered = lower_session(wide_session, _mixed_bits(wide_session))
+    images = wide_session.calibration.images
+    result = compare_with_simulation(wide_session, lowered, [(images, wide_session.calibration.labels)])
+    assert result["images"] == 48
+    assert result["top1_agreement"] >= 0.9
+    assert result["mean_abs_diff"] < 0.05
+
+
+def test_save_load_and_bad_files(wide_session, tmp_path):
+    lowered = lower_session(wide_session, _mixed_bits(wide_session))
+    path = save_lowered(tmp_path / "saved", lowered, {"format_version": 1})
+    assert json.loads((tmp_path / "saved" / "allocation.json").read_text()) == {"format_version": 1}
+    torch.manual_seed(0)
+    fresh = TinyViT(dim=32, heads=2).eval()  # same architecture, same weights as the session's model
+    example = wide_session.calibration.images[:1]
+    reloaded = load_lowered(fresh, tmp_path / "saved", example)
+    images = wide_session.calibration.images[:8]
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), lowered(images))
+
+    with pytest.raises(LoweredFileError, match="different model"):
+        load_lowered(TinyViT(dim=48, heads=2).eval(), path, example)
+    payload = torch.load(path, weights_only=False)
+    payload["version"] = 99
+    torch.save(payload, tmp_path / "newer.pt")
+    with pytest.raises(LoweredFileError, match="format version 99, newer"):
+        load_lowered(fresh, tmp_path / "newer.pt", example)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(LoweredFileError, match="not a lampq_fx lowered model"):
+        load_lowered(fresh, tmp_path / "other.pt", example)
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    with pytest.raises(LoweredFileError, match="cannot read"):
+        load_lowered(fresh, tmp_path / "junk.pt", example)
+    with pytest.raises(FileNotFoundError):
+        load_lowered(fresh, tmp_path / "absent.pt", example)
+
+
+def test_reference_lowering_agreement():
+    from lampq_fx.data import TensorBatches
+    from lampq_fx.reference import load_reference_model, load_reference_sample
+    sample = load_reference_sample()
+    calibration = CalibrationSet(sample["calib_images"][:128], sample["calib_labels"][:128])
+    session = LampQSession(load_reference_model(), calibration, progress=False)
+    session.calibrate()
+    bits = {}
+    for index, layer in enumerate(session.layers):
+        bits[layer.name] = ((4 if index % 3 else 8), 8) if layer.has_weight else (None, 8)
+    lowered = lower_session(session, bits)
+    test = TensorBatches(sample["test_images"][:2000], sample["test_labels"][:2000], 500)
+    result = compare_with_simulation(session, lowered, test)
+    assert result["images"] == 2000
+    assert result["top1_agreement"] >= 0.99
+    assert abs(result["lowered_top1"] - result["simulated_top1"]) <= 0.01
+
+
+def test_bench_command_writes_results(tmp_path):
+    from lampq_fx.cli import main
+    out = tmp_path / "bench"
+    assert main(["bench", "--variants", "fp32,int8,int4", "--runs", "2", "--warmup", "0", "--batch-sizes", "2",
+                 "--calib-images", "16", "--out", str(out)]) == 0
+    record = json.loads((out / "bench.json").read_text())
+    assert [row["variant"] for row in record["rows"]] == ["fp32", "int8", "int4"]
+    assert record["threads"] == 2 and record["rows"][0]["batches"]["2"]["median_ms"] > 0
+    assert record["rows"][2]["weight_ratio_vs_fp32"] < record["rows"][1]["weight_ratio_vs_fp32"] < 1
+    assert "| layer_norm | float32 |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 0
+
+
+def test_bench_and_kernel_bits_errors(tmp_path, capsys):
+    from lampq_fx.cli import main
+    assert main(["bench", "--variants", "fp32,fast", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--allocation", str(tmp_path / "absent.json"), "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit):
+        main(["quantize", "--kernel-bits", "3,8"])
+    assert "CPU kernels exist for 4 and 8 bits only" in capsys.readouterr().err
