@@ -12,15 +12,23 @@ from torch import nn
 SHARED_DATA = Path(os.environ.get("LAMPQ_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-@pytest.fixture
-def cifar10_dir() -> Path:
-    path = SHARED_DATA / "cifar10"
-    if not (path / "train").is_dir() or not (path / "test").is_dir():
-        reason = f"shared CIFAR-10 not found at {path} (developer and CI machines have it)"
+def _shared(path: Path, required: list[str], name: str) -> Path:
+    if not all((path / part).exists() for part in required):
+        reason = f"shared {name} not found at {path} (developer and CI machines have it)"
         if os.environ.get("LAMPQ_REQUIRE_SHARED_DATA") == "1":
             pytest.fail(reason + "; LAMPQ_REQUIRE_SHARED_DATA=1 makes this an error")
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture
+def cifar10_dir() -> Path:
+    return _shared(SHARED_DATA / "cifar10", ["train", "test"], "CIFAR-10")
+
+
+@pytest.fixture
+def bccd_dir() -> Path:
+    return _shared(SHARED_DATA / "bccd" / "BCCD", ["Annotations", "JPEGImages", "ImageSets/Main/test.txt"], "BCCD")
 
 
 class TinyViT(nn.Module):
