@@ -38,7 +38,11 @@ CACHE_FORMAT = 1
 
 @dataclass
 class CalibrationSet:
-    """Calibration images [N, C, H, W] and their integer labels [N], held in memory."""
+    """Calibration images [N, C, H, W] and their labels, held in memory.
+
+    Labels are integer classes [N], or for detection a list of N target dicts
+    (``boxes`` [K, 4] in input pixels, ``labels`` [K]).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -54,6 +58,13 @@ class CalibrationSet:
     def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.images[i:i + batch_size], self.labels[i:i + batch_size])
                 for i in range(0, len(self.images), batch_size)]
+
+
+def _label_tensors(labels) -> list[torch.Tensor]:
+    """Class labels as one tensor, or detection targets (a list of dicts of tensors) flattened."""
+    if isinstance(labels, torch.Tensor):
+        return [labels]
+    return [target[key] for target in labels for key in sorted(target)]
 
 
 def _tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
@@ -282,7 +293,7 @@ class LampQSession:
     def _make_cache_key(self) -> str:
         digest = hashlib.sha256()
         digest.update(_tensor_digest(self.traced.state_dict().values()).encode())
-        digest.update(_tensor_digest([self.calibration.images, self.calibration.labels]).encode())
+        digest.update(_tensor_digest([self.calibration.images, *_label_tensors(self.calibration.labels)]).encode())
         digest.update(json.dumps([CACHE_FORMAT, self.batch_size, self.seed,
                                   getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))]).encode())
         return digest.hexdigest()[:20]

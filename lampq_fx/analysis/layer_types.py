@@ -19,8 +19,10 @@ other           anything else, e.g. the Swin patch-merging reduction
 ==============  ==============================================================
 
 "Upstream" and "downstream" walk the graph through non-quantizable nodes and stop
-at the next quantizable one. A layer that the rules leave as ``other`` but whose
-module name is a common role name gets that role, with a log line saying so.
+at the next quantizable one, or at another learned convolution (a transposed conv in
+a detection pyramid). A layer that the rules leave as ``other`` but whose module name
+is a common role name gets that role, with a log line saying so. A module called at
+several graph nodes (a detection head shared across pyramid levels) is one layer.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class LayerInfo:
     omega: dict[str, float] = field(default_factory=dict)
     weight_bits: int | None = None
     act_bits: int | None = None
+    calls: int = 1  # graph nodes that call this module (a head shared across pyramid levels has several)
 
     @property
     def has_weight(self) -> bool:
@@ -289,16 +292,19 @@ def _count_macs(graph_module: fx.GraphModule, node: fx.Node, kind: LayerKind) ->
 
 def _type_layers(graph_module: fx.GraphModule, kinds: dict[fx.Node, LayerKind]
                  ) -> dict[fx.Node, tuple[LayerType, str]]:
-    quantizable = set(kinds)
+    # Walks stop at quantizable layers and at other learned convolutions (a transposed conv
+    # in a detection pyramid), so a role is read from the nearest layers only.
+    stops = set(kinds) | {n for n in graph_module.graph.nodes if n.op == "call_module" and isinstance(
+        _module(graph_module, n), nn.modules.conv._ConvNd)}
     metadata = _metadata_nodes(graph_module.graph)
     types: dict[fx.Node, tuple[LayerType, str]] = {}
-    upstream = {n: _upstream(n.all_input_nodes, quantizable, metadata) for n in kinds}
-    downstream = {n: _downstream(n, quantizable, metadata) for n in kinds}
+    upstream = {n: _upstream(n.all_input_nodes, stops, metadata) for n in kinds}
+    downstream = {n: _downstream(n, stops, metadata) for n in kinds}
 
     for node, kind in kinds.items():
         if kind is not LayerKind.MATMUL:
             continue
-        first_operand = _upstream([node.args[0]], quantizable, metadata)
+        first_operand = _upstream([node.args[0]], stops, metadata)
         if any(_is_softmax(graph_module, n) for n in first_operand.visited):
             types[node] = (LayerType.ATTN_V, "structure")
         elif any(_is_softmax(graph_module, n) for n in downstream[node].visited):
@@ -371,9 +377,17 @@ def annotate_layers(graph_module: fx.GraphModule,
 
     layers: list[LayerInfo] = []
     taken: set[str] = set()
+    by_module: dict[str, LayerInfo] = {}
     for node, kind in kinds.items():
         layer_type, typed_by = types[node]
         module = _module(graph_module, node)
+        if node.op == "call_module" and str(node.target) in by_module:
+            # A module called more than once is one layer: one weight, one bit-width, summed MACs.
+            shared = by_module[str(node.target)]
+            shared.calls += 1
+            shared.macs += _count_macs(graph_module, node, kind)
+            node.meta[META_KEY] = shared
+            continue
         name = _layer_name(node, layer_type, taken)
         taken.add(name)
         info = LayerInfo(
@@ -389,6 +403,8 @@ def annotate_layers(graph_module: fx.GraphModule,
         )
         node.meta[META_KEY] = info
         layers.append(info)
+        if node.op == "call_module":
+            by_module[str(node.target)] = info
 
     counts: dict[str, int] = {}
     for info in layers:
@@ -399,5 +415,9 @@ def annotate_layers(graph_module: fx.GraphModule,
 
 
 def layers_of(graph_module: fx.GraphModule) -> list[LayerInfo]:
-    """Return the ``LayerInfo`` annotations of a graph module, in graph order."""
-    return [node.meta[META_KEY] for node in graph_module.graph.nodes if META_KEY in node.meta]
+    """Return the ``LayerInfo`` annotations of a graph module, in graph order (shared modules once)."""
+    found: dict[int, LayerInfo] = {}
+    for node in graph_module.graph.nodes:
+        if META_KEY in node.meta:
+            found.setdefault(id(node.meta[META_KEY]), node.meta[META_KEY])
+    return list(found.values())

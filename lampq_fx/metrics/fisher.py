@@ -8,7 +8,9 @@ For layer i with weight W_i and quantized input x̂_i, over N calibration sample
 where ℓ_n is the task loss of sample n. The per-sample weight gradient of a linear
 layer is G_nᵀX_n, with G_n the output gradients [T, out] and X_n the inputs [T, in].
 Its squared norm is computed either directly or as Σ_ts (X_n X_nᵀ)_ts (G_n G_nᵀ)_ts,
-whichever needs fewer operations. Conv2d layers are unfolded into the same form. The input
+whichever needs fewer operations. A module called several times per forward (a
+detection head shared across pyramid levels) has the per-sample gradient
+Σ_c G_n,cᵀ X_n,c: its terms are summed before the norm is taken. Conv2d layers are unfolded into the same form. The input
 trace uses the batch gradient of Σ_n ℓ_n, which equals the per-sample gradient
 because a ViT in eval mode has no interaction between samples.
 """
@@ -87,6 +89,14 @@ class FisherRecorder:
     def __init__(self) -> None:
         self.sums: dict[str, _Accumulator] = {}
         self.batch_index = 0
+        self._shared_gradients: dict[str, torch.Tensor] = {}
+
+    def flush(self) -> None:
+        """Add the squared norms of shared modules' summed per-sample gradients (after each backward)."""
+        for name, per_sample in self._shared_gradients.items():
+            total = float(per_sample.pow(2).sum())
+            self.sums[name].weight += self._check(name, total, "weight")
+        self._shared_gradients.clear()
 
     def _check(self, name: str, value: float, what: str) -> float:
         if value != value or value in (float("inf"), float("-inf")):
@@ -106,6 +116,11 @@ class FisherRecorder:
 
             def on_output_grad(grad: torch.Tensor) -> None:
                 x, g = _weight_gradient_form(layer, saved_input.float(), grad.detach().float())
+                if layer.shared_calls > 1:
+                    per_sample = torch.einsum("bto,bti->boi", g, x)
+                    known = self._shared_gradients.get(name)
+                    self._shared_gradients[name] = per_sample if known is None else known + per_sample
+                    return
                 total = float(per_sample_squared_norms(x, g).sum())
                 accumulator.weight += self._check(name, total, "weight")
 
@@ -160,6 +175,7 @@ def compute_fisher_traces(
                     "check the model weights and inputs of that batch"
                 )
             loss.backward()
+            recorder.flush()
             samples += len(images)
     finally:
         for module in modules.values():

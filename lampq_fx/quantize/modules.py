@@ -31,6 +31,7 @@ class QuantLayerModule(nn.Module):
     """Shared state of the quantized layers: bit-widths, quantizers and a gradient recorder."""
 
     layer_name: str = ""
+    shared_calls: int = 1  # graph calls per forward; >1 when one module serves several inputs
 
     def __init__(self, input_quantizers: list[ActivationQuantizer]) -> None:
         super().__init__()

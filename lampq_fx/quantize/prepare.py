@@ -46,12 +46,15 @@ def prepare_quantization(graph_module: fx.GraphModule) -> fx.GraphModule:
             graph.erase_node(node)
         else:
             original = prepared.get_submodule(node.target)
+            if isinstance(original, QuantLayerModule):
+                continue  # a shared module, wrapped at its first call
             if info.kind is LayerKind.LINEAR:
                 module = QuantLinear(original, per_channel_input=info.post_norm_input)
             else:
                 module = QuantConv2d(original)
             _set_submodule(prepared, node.target, module)
         module.layer_name = info.name
+        module.shared_calls = info.calls
     graph.lint()
     prepared.recompile()
     return prepared

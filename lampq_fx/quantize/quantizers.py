@@ -148,6 +148,12 @@ class ActivationQuantizer(nn.Module):
             self.running_max = torch.maximum(self.running_max, batch_max)
 
         # Reservoir sampling keeps a uniform sample of all rows seen so far.
+        if not self.per_channel and self.reservoir.numel() and rows.shape[1] != self.reservoir.shape[1]:
+            # A shared module sees inputs of several widths (pyramid levels): for a per-tensor
+            # range only the values matter, so regroup them into rows of the reservoir's width.
+            width = self.reservoir.shape[1]
+            values = rows.reshape(-1)
+            rows = values[:len(values) // width * width].reshape(-1, width)
         take = min(len(rows), _RESERVOIR_ROWS)
         picked = rows[torch.randperm(len(rows), generator=self._generator)[:take]]
         if self.reservoir.numel() == 0:
