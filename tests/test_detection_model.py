@@ -85,3 +85,20 @@ def test_detection_fisher_matches_brute_force(detection_session, name):
         total += float(gradient.pow(2).sum())
     expected = total / len(images)
     assert traces[name].weight == pytest.approx(expected, rel=1e-4)
+
+
+def test_head_training_lowers_loss():
+    from lampq_fx.detection.bccd import _flip, train_head
+    model = _detector()
+    images = torch.randn(6, 3, *SIZE, generator=torch.Generator().manual_seed(2))
+    targets = _targets(6)
+    with torch.no_grad():
+        maps = model.core.backbone.body(images)
+    twice, back = _flip(*_flip(maps, targets, True, True, SIZE), True, True, SIZE)
+    assert torch.equal(twice, maps)
+    assert all(torch.allclose(a["boxes"], b["boxes"]) for a, b in zip(back, targets))
+    history = train_head(model, maps, targets, epochs=8, lr=5e-3, batch_size=3, seed=0)
+    assert history[-1] < 0.8 * history[0]
+    body = dict(model.core.backbone.body.named_parameters())
+    fresh = dict(_detector().core.backbone.body.named_parameters())
+    assert all(torch.equal(body[name], fresh[name]) for name in body)  # the backbone stays frozen

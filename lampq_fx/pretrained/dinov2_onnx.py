@@ -79,17 +79,22 @@ def _position_parts(arrays: dict[str, np.ndarray], cls_token: np.ndarray) -> tup
     return entries[0], grids[0]
 
 
-def resize_position_grid(grid: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a [1, G², C] position grid to [1, size², C] (bicubic, align_corners=False)."""
+def _grid_shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_position_grid(grid: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize a [1, G², C] position grid to [1, rows·columns, C] (bicubic, align_corners=False)."""
     side = math.isqrt(grid.shape[1])
-    if side == size:
+    rows, columns = _grid_shape(size)
+    if (side, side) == (rows, columns):
         return grid
     image = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    resized = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=False)
-    return resized.permute(0, 2, 3, 1).reshape(1, size * size, -1)
+    resized = F.interpolate(image, size=(rows, columns), mode="bicubic", align_corners=False)
+    return resized.permute(0, 2, 3, 1).reshape(1, rows * columns, -1)
 
 
-def convert_dinov2_onnx(path: Path | str, grid_size: int) -> dict[str, torch.Tensor]:
+def convert_dinov2_onnx(path: Path | str, grid_size: int | tuple[int, int]) -> dict[str, torch.Tensor]:
     """Return a state dict for timm's ``vit_small_patch14_dinov2``-style backbone (no head)."""
     arrays, matmuls = _read_graph(Path(path))
     prefix = "backbone.embeddings."
@@ -169,13 +174,16 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_dinov2_state(path: Path | str, grid_size: int, cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
+def cached_dinov2_state(path: Path | str, grid_size: int | tuple[int, int],
+                        cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """``convert_dinov2_onnx`` with the result cached under ``cache_dir`` (default: the user cache)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file {path} not found")
     directory = Path(cache_dir) if cache_dir is not None else user_cache_dir()
-    cached = directory / f"dinov2-{_file_digest(path)[:16]}-grid{grid_size}-v{CONVERTER_VERSION}.pt"
+    rows, columns = _grid_shape(grid_size)
+    grid_text = str(rows) if rows == columns else f"{rows}x{columns}"
+    cached = directory / f"dinov2-{_file_digest(path)[:16]}-grid{grid_text}-v{CONVERTER_VERSION}.pt"
     if cached.is_file():
         try:
             state = torch.load(cached, map_location="cpu", weights_only=True)
@@ -194,7 +202,8 @@ def cached_dinov2_state(path: Path | str, grid_size: int, cache_dir: Path | None
     return state
 
 
-def load_dinov2_from_onnx(path: Path | str | None = None, img_size: int = 224, *, cache: bool = True,
+def load_dinov2_from_onnx(path: Path | str | None = None, img_size: int | tuple[int, int] = 224, *,
+                          cache: bool = True,
                           cache_dir: Path | None = None, **timm_kwargs) -> nn.Module:
     """Build timm's ``vit_small_patch14_dinov2`` at ``img_size`` and load the converted weights.
 
@@ -206,9 +215,10 @@ def load_dinov2_from_onnx(path: Path | str | None = None, img_size: int = 224, *
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size,
                               num_classes=0, **timm_kwargs)
     patch = model.patch_embed.patch_size[0]
-    if img_size % patch:
+    height, width = _grid_shape(img_size)
+    if height % patch or width % patch:
         raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch}")
-    grid = img_size // patch
+    grid = (height // patch, width // patch)
     state = cached_dinov2_state(path, grid, cache_dir) if cache else convert_dinov2_onnx(path, grid)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [name for name in missing if not name.startswith("head")]
