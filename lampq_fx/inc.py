@@ -109,7 +109,7 @@ class LampQConfig(TorchBaseConfig):
 
     @staticmethod
     def get_model_info(model: nn.Module) -> list:
-        # LampQ allocates over the whole model at once, so neural-compressor sees one op.
+        # LampQ allocates over the whole model at once, so neural-compressor gets one op.
         return [("model", type(model).__name__)]
 
     def to_config_mapping(self, config_list=None, model_info=None) -> dict:
@@ -126,7 +126,7 @@ def get_default_lampq_config() -> LampQConfig:
 
 
 class CalibrationRecorder(nn.Module):
-    """What ``prepare`` returns: the float model, recording the images (and labels) it sees."""
+    """The float model that ``prepare`` returns; it records the images (and labels) passed to it."""
 
     def __init__(self, model: nn.Module, max_images: int) -> None:
         super().__init__()

@@ -95,6 +95,7 @@ def parse_budget(text: str) -> BudgetSpec:
 @dataclass
 class RunConfig:
     model: str = REFERENCE_MODEL
+    task: str = "classification"
     checkpoint: Path | None = None
     onnx: Path | None = None
     pretrained: bool = False
@@ -125,6 +126,17 @@ class LoadedTask:
     calibration: CalibrationSet
     evaluation: object | None
     description: str
+    metric: str = "top-1"
+    loss_fn: object | None = None  # None: per-sample cross-entropy
+    # evaluator(session, bits, description) -> {"score": fraction, ...details}; None: top-1 on ``evaluation``
+    evaluator: object | None = None
+
+    def evaluate(self, session: LampQSession, bits, description: str) -> dict | None:
+        if self.evaluator is not None:
+            return self.evaluator(session, bits, description)
+        if self.evaluation is None:
+            return None
+        return {"score": session.evaluate(self.evaluation, bits, description)}
 
 
 def _load_reference(config: RunConfig) -> LoadedTask:
@@ -262,7 +274,57 @@ def create_model(config: RunConfig) -> nn.Module:
     return _create_timm_model(config)
 
 
+def _bccd_root(data: Path) -> Path:
+    for candidate in (data, data / "BCCD"):
+        if (candidate / "Annotations").is_dir() and (candidate / "ImageSets" / "Main").is_dir():
+            return candidate
+    raise FileNotFoundError(f"{data} is not a Pascal VOC folder (Annotations/, ImageSets/Main/, JPEGImages/), "
+                            "nor does it contain BCCD/ with them")
+
+
+def _load_detection_task(config: RunConfig) -> LoadedTask:
+    """The BCCD ViT-S/14 FCOS detector; LampQ uses its FCOS loss, evaluation is COCO box AP."""
+    from lampq_fx.detection.bccd import CLASSES, build_bccd_detector, load_images, to_original
+    from lampq_fx.detection.data import read_voc
+    from lampq_fx.detection.evaluate import coco_evaluate
+    from lampq_fx.detection.model import detection_loss
+    if config.model not in (REFERENCE_MODEL, "bccd-vits-fcos"):
+        raise ValueError("--task detection supports the shipped BCCD detector only (--model bccd-vits-fcos)")
+    if config.data is None:
+        raise ValueError("--task detection needs --data: the BCCD folder (Pascal VOC layout)")
+    root = _bccd_root(config.data)
+    model = build_bccd_detector(config.onnx)
+    train = read_voc(root, "train", CLASSES)
+    train = train.subset(range(min(len(train), config.calib_images or 64)))
+    test = read_voc(root, "test", CLASSES)
+    if config.eval_images:
+        test = test.subset(range(min(len(test), config.eval_images)))
+    calib_images, calib_targets, _ = load_images(train)
+    test_images, _, test_scales = load_images(test)
+
+    def evaluator(session: LampQSession, bits, description: str) -> dict:
+        session.apply(bits)
+        detections = []
+        try:
+            with torch.no_grad():
+                for start in range(0, len(test_images), 8):
+                    detections += model.decode(session.graph_module(test_images[start:start + 8]))
+        finally:
+            session.apply(None)
+        result = coco_evaluate(test, to_original(detections, test_scales))
+        logger.info("%s: box AP %.3f, AP50 %.3f", description, result["AP"], result["AP50"])
+        return {"score": result["AP"], **result}
+
+    return LoadedTask(model, CalibrationSet(calib_images, calib_targets), None,
+                      f"BCCD ViT-S/14 FCOS detector, {len(train)} calibration images, {len(test)} test images",
+                      metric="box AP", loss_fn=detection_loss(model), evaluator=evaluator)
+
+
 def load_task(config: RunConfig) -> LoadedTask:
+    if config.task == "detection":
+        return _load_detection_task(config)
+    if config.task != "classification":
+        raise ValueError(f"unknown task {config.task!r}; use classification or detection")
     if config.onnx is not None and config.model != VITS_CIFAR_MODEL:
         raise ValueError(f"--onnx is only used with --model {VITS_CIFAR_MODEL}")
     if config.model == REFERENCE_MODEL:
@@ -304,16 +366,18 @@ def run(config: RunConfig) -> dict:
     torch.manual_seed(config.seed)
     logger.info("task: %s", task.description)
 
+    options = {"loss_fn": task.loss_fn} if task.loss_fn is not None else {}
     session = LampQSession(task.model, task.calibration, batch_size=config.batch_size, seed=config.seed,
-                           cache_dir=config.cache, progress=config.progress)
+                           cache_dir=config.cache, progress=config.progress, **options)
     for spec in specs:  # reject an infeasible budget before the long steps
         check_budget_feasible(session.layers,
                               {layer.name: spec.space(base_space).candidates(layer) for layer in session.layers},
                               spec.resolve(session.layers), session.float_bytes)
     session.calibrate()
-    fp32_top1 = session.evaluate(task.evaluation, None, "evaluation FP32") if task.evaluation else None
+    fp32 = task.evaluate(session, None, "evaluation FP32")
+    fp32_top1 = fp32["score"] if fp32 else None
     if fp32_top1 is not None:
-        logger.info("FP32 top-1 %.2f%%", 100 * fp32_top1)
+        logger.info("FP32 %s %.2f%%", task.metric, 100 * fp32_top1)
 
     rows, summary_budgets, used = [], [], []
     for spec in specs:
@@ -323,19 +387,20 @@ def run(config: RunConfig) -> dict:
         allocations = {}
         for method in [s for s in (baseline, strategy) if s is not None]:
             allocation = method.allocate(session, budget, space)
-            top1 = session.evaluate(task.evaluation, allocation, f"evaluation {method.name} {budget.label}") \
-                if task.evaluation else None
+            result = task.evaluate(session, allocation, f"evaluation {method.name} {budget.label}")
+            top1 = result["score"] if result else None
             metrics = allocation_metrics(session.layers, allocation.choices, session.float_bytes)
-            rows.append({"budget": budget.label, "strategy": method.name, "top1": top1, "metrics": metrics})
+            rows.append({"budget": budget.label, "strategy": method.name, "top1": top1, "metrics": metrics,
+                         "details": {k: v for k, v in (result or {}).items() if k != "score"}})
             allocations[method.name] = allocation
             used.append(allocation)
-            logger.info("%s %s: top-1 %s, avg W bits %.2f, avg A bits %.2f", budget.label, method.name,
+            logger.info("%s %s: %s %s, avg W bits %.2f, avg A bits %.2f", budget.label, method.name, task.metric,
                         f"{100 * top1:.2f}%" if top1 is not None else "n/a",
                         metrics["avg_weight_bits"], metrics["avg_act_bits"])
             session.apply(allocation)  # records the bits in node.meta for the file below
             name = "allocation.json" if method is strategy else f"allocation-{method.name}.json"
             write_allocation(directory / name, allocation, session.layers, session.float_bytes,
-                             extra={"top1": top1, "seed": config.seed})
+                             extra={"top1" if task.metric == "top-1" else "box_ap": top1, "seed": config.seed})
             session.apply(None)
         plot_bits_per_layer(directory / "bits_per_layer.png", session.layers,
                             {f"{name} ({budget.label})": a for name, a in allocations.items()},
@@ -346,6 +411,8 @@ def run(config: RunConfig) -> dict:
     summary = {
         "task": task.description,
         "fp32_top1": fp32_top1,
+        "metric": task.metric,
+        "fp32_details": {k: v for k, v in (fp32 or {}).items() if k != "score"},
         "results": rows,
         "budgets": summary_budgets,
         "seed": config.seed,
@@ -379,7 +446,7 @@ def render_report(summary: dict, allocations: Sequence[Allocation]) -> str:
         "",
         f"Task: {summary['task']}. Seed {summary['seed']}, run time {summary['wall_time_s']:.0f} s.",
         "",
-        format_table(summary["results"], summary["fp32_top1"]),
+        format_table(summary["results"], summary["fp32_top1"], summary["metric"]),
         "",
         "## Solver",
         "",

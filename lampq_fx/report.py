@@ -80,7 +80,8 @@ def read_allocation(path: Path, layers: Sequence[LayerInfo] | None = None) -> Al
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise AllocationFileError(f"cannot read allocation file {path}: {error}") from error
+        raise AllocationFileError(f"cannot read allocation file {path}: {error}; expected the allocation.json "
+                                  "that lampq quantize writes") from error
     version = data.get("format_version") if isinstance(data, dict) else None
     if not isinstance(version, int):
         raise AllocationFileError(f"{path} is not an allocation file: 'format_version' is missing")
@@ -146,9 +147,9 @@ def plot_bits_per_layer(path: Path, layers: Sequence[LayerInfo],
     write_bytes_atomic(Path(path), buffer.getvalue())
 
 
-def format_table(rows: Sequence[Mapping], fp32_top1: float | None) -> str:
-    """Markdown table of results; ``top1`` values are fractions or None."""
-    header = ("| budget | strategy | top-1 (%) | Δ vs FP32 | avg W bits | avg A bits | size (MB) | GBOPs |\n"
+def format_table(rows: Sequence[Mapping], fp32_top1: float | None, metric: str = "top-1") -> str:
+    """Markdown table of results; ``top1`` holds the task metric (top-1 or box AP) as a fraction or None."""
+    header = (f"| budget | strategy | {metric} (%) | Δ vs FP32 | avg W bits | avg A bits | size (MB) | GBOPs |\n"
               "|---|---|---:|---:|---:|---:|---:|---:|")
     lines = [header]
     if fp32_top1 is not None:

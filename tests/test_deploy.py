@@ -168,7 +168,8 @@ def test_save_load_and_bad_files(wide_session, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(images), lowered(images))
 
-    with pytest.raises(LoweredFileError, match="different model"):
+    with pytest.raises(LoweredFileError, match=r"different model: layer alpha \(patch_embed, 512 weights\) in "
+                                                r"the file is alpha \(patch_embed, 768 weights\) here"):
         load_lowered(TinyViT(dim=48, heads=2).eval(), path, example)
     payload = torch.load(path, weights_only=False)
     payload["version"] = 99
@@ -220,6 +221,21 @@ def test_bench_and_kernel_bits_errors(tmp_path, capsys):
     from lampq_fx.cli import main
     assert main(["bench", "--variants", "fp32,fast", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--allocation", str(tmp_path / "absent.json"), "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--variants", "lampq", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         main(["quantize", "--kernel-bits", "3,8"])
     assert "CPU kernels exist for 4 and 8 bits only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, weight_bits, act_bits", [
+    (["--kernel-bits", "4,8"], {4, 8}, {8}),
+    (["--act-bits", "6,8"], {2, 3, 4, 5, 6, 8}, {6, 8}),
+])
+def test_quantize_with_restricted_widths(tmp_path, options, weight_bits, act_bits):
+    from lampq_fx.cli import main
+    out = tmp_path / "run"
+    assert main(["quantize", "--budget", "wbits=5", "--calib-images", "32", "--eval-images", "100", "--rounds", "0",
+                 "--baseline", "none", "--no-progress", "--out", str(out), *options]) == 0
+    rows = json.loads((out / "w5-avg" / "allocation.json").read_text())["layers"]
+    assert {row["weight_bits"] for row in rows if row["weight_bits"] is not None} <= weight_bits
+    assert {row["act_bits"] for row in rows} <= act_bits

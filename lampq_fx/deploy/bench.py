@@ -145,6 +145,7 @@ def run_bench(model_factory: Callable[[], nn.Module], session_factory: Callable[
             record["allocation"] = {"path": str(allocation_path), "strategy": allocation.strategy,
                                     "budget": allocation.budget.label if allocation.budget else None}
         input_shape = tuple(session.calibration.images.shape[1:])
+        record["task"] = f"{description}, input {input_shape[-2]}×{input_shape[-1]} px"
         example = session.calibration.images[:1].clone()
         float_bytes = float_weight_bytes(session.traced)
         saved = {}

@@ -34,7 +34,7 @@ def int4_kernel_available() -> bool:
 
 
 def pick_group_size(in_features: int, preferred: int = 128) -> int:
-    """The largest supported group size ≤ ``preferred`` that divides ``in_features``."""
+    """Return the largest supported group size ≤ ``preferred`` that divides ``in_features``."""
     for size in sorted((g for g in GROUP_SIZES if g <= preferred), reverse=True):
         if in_features % size == 0:
             return size
@@ -98,7 +98,7 @@ class Int4WeightOnlyLinear(nn.Module):
             self.bias = bias.detach().float().clone()
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The FP32 weight [N, K] this layer computes with (for checks and references)."""
+        """Return the FP32 weight [N, K] this layer computes with (for checks and references)."""
         eye = torch.eye(self.in_features, dtype=self.compute_dtype)
         columns = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed_weight, self.group_size,
                                                              self.scales_and_zeros)

@@ -1,7 +1,7 @@
 """Lowered models: build from a session and an allocation, compare with the simulation, save and load.
 
 A saved lowered model is a directory with ``allocation.json`` (the allocation as the
-allocator wrote it) and ``lowered.pt``, which holds the format version, a fingerprint
+allocator wrote it) and ``lowered.pt``, which contains the format version, a fingerprint
 of the model's layers, the lowering plan and the state dict of the lowered module.
 ``load_lowered`` rebuilds the same module from the float model and loads that state,
 so no calibration runs again.
@@ -46,10 +46,23 @@ class LoweredFileError(ValueError):
     """A saved lowered model does not fit this model or this version of lampq_fx."""
 
 
+def layer_description(layers: Sequence[LayerInfo]) -> list[list]:
+    """List every quantizable layer's name, kind, type and weight count."""
+    return [[layer.name, layer.kind.value, layer.layer_type.value, layer.weight_params] for layer in layers]
+
+
 def model_fingerprint(layers: Sequence[LayerInfo]) -> str:
-    """SHA-256 over every quantizable layer's name, kind, type and weight count."""
-    description = [[layer.name, layer.kind.value, layer.layer_type.value, layer.weight_params] for layer in layers]
-    return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
+    """SHA-256 over ``layer_description``."""
+    return hashlib.sha256(json.dumps(layer_description(layers)).encode()).hexdigest()[:16]
+
+
+def _first_difference(saved: list[list], current: list[list]) -> str:
+    if len(saved) != len(current):
+        return f"{len(saved)} quantizable layers in the file, {len(current)} in this model"
+    for old, new in zip(saved, current):
+        if old != new:
+            return f"layer {old[0]} ({old[2]}, {old[3]} weights) in the file is {new[0]} ({new[2]}, {new[3]} weights) here"
+    return "the layers match but the fingerprint does not"
 
 
 @dataclass
@@ -59,6 +72,7 @@ class LoweredModel:
     mode: str
     backend: str
     fingerprint: str
+    layers: list | None = None  # layer_description of the source model, saved for error messages
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.module(images)
@@ -98,17 +112,21 @@ def lowered_weight_bytes(module: nn.Module) -> int:
 
 @torch.no_grad()
 def lower_session(session, allocation: Allocation | dict, *, mode: str = "static", calibration_images: int = 128,
-                  backend: LoweringBackend | None = None) -> LoweredModel:
+                  backend: LoweringBackend | None = None, label: str | None = None) -> LoweredModel:
     """Lower ``allocation`` of ``session``'s model to CPU kernels, calibrating on its images."""
     bits = allocation.bits() if isinstance(allocation, Allocation) else dict(allocation)
-    plans = plan_lowering(session.layers, bits, mode)
+    if label is None:
+        label = f"{allocation.strategy} {allocation.budget.label}" if isinstance(allocation, Allocation) and \
+            allocation.budget else "allocation"
+    plans = plan_lowering(session.layers, bits, mode, label)
     backend = backend or default_backend()
     images = session.calibration.images[:calibration_images]
     batches = [images[i:i + session.batch_size] for i in range(0, len(images), session.batch_size)]
     module = backend.lower(session.traced, plans, batches, session.calibration.images[:1])
     logger.info("lowered %d layers with %s (%s): %s", len(plans), backend.name, mode,
                 ", ".join(f"{kernel} {count}" for kernel, count in _kernel_counts(plans).items()))
-    return LoweredModel(module, plans, mode, backend.name, model_fingerprint(session.layers))
+    return LoweredModel(module, plans, mode, backend.name, model_fingerprint(session.layers),
+                        layer_description(session.layers))
 
 
 def _kernel_counts(plans: Sequence[LayerPlan]) -> dict[str, int]:
@@ -147,6 +165,7 @@ def save_lowered(directory: Path | str, lowered: LoweredModel, allocation_json: 
     directory = Path(directory)
     payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "fingerprint": lowered.fingerprint,
                "mode": lowered.mode, "backend": lowered.backend, "plans": plans_to_dicts(lowered.plans),
+               "layers": lowered.layers,
                "state_dict": lowered.module.state_dict()}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -165,7 +184,8 @@ def load_lowered(model: nn.Module, path: Path | str, example: torch.Tensor,
     if not path.is_file():
         raise FileNotFoundError(f"lowered model file {path} not found")
     try:
-        # Quantized tensors and packed parameters are not plain tensors, so the full unpickler is needed.
+        # Quantized tensors and packed parameters are not plain tensors, so the full unpickler is
+        # needed: load only files from a source you trust.
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # unpickling raises many types; all mean "not our file"
         raise LoweredFileError(f"cannot read {path} ({type(error).__name__}: {error})") from error
@@ -178,12 +198,13 @@ def load_lowered(model: nn.Module, path: Path | str, example: torch.Tensor,
     layers = annotate_layers(traced, example)
     fingerprint = model_fingerprint(layers)
     if payload["fingerprint"] != fingerprint:
-        raise LoweredFileError(f"{path} was saved from a different model (layer fingerprint "
-                               f"{payload['fingerprint']}, this model has {fingerprint})")
+        detail = _first_difference(payload["layers"], layer_description(layers)) if payload.get("layers") else \
+            f"layer fingerprint {payload['fingerprint']}, this model has {fingerprint}"
+        raise LoweredFileError(f"{path} was saved from a different model: {detail}")
     backend = backend or default_backend()
     if payload["backend"] != backend.name:
         raise LoweredFileError(f"{path} was lowered with {payload['backend']}, not {backend.name}")
     plans = plans_from_dicts(payload["plans"])
     module = backend.rebuild(traced, plans, example)
     module.load_state_dict(payload["state_dict"], strict=True)
-    return LoweredModel(module, plans, payload["mode"], payload["backend"], fingerprint)
+    return LoweredModel(module, plans, payload["mode"], payload["backend"], fingerprint, layer_description(layers))

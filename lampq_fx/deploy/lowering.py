@@ -55,7 +55,7 @@ Bits = tuple[int | None, int | None]
 
 @dataclass
 class LayerPlan:
-    """How one layer of the allocation runs after lowering."""
+    """The kernel of one layer after lowering, and the bits that kernel realises."""
 
     name: str
     layer_type: str
@@ -69,9 +69,22 @@ class LayerPlan:
     def promoted(self) -> bool:
         return self.requested != self.bits
 
+    @property
+    def widened(self) -> bool:
+        """Weight bits changed, or int8 activations widened: a change the allocator did not choose."""
+        weight_changed = self.requested[0] != self.bits[0]
+        act_widened = self.bits[1] is not None and self.requested[1] != self.bits[1]
+        return weight_changed or act_widened
 
-def plan_lowering(layers: Sequence[LayerInfo], bits: Mapping[str, Bits], mode: str = "static") -> list[LayerPlan]:
-    """Map every layer's requested bits to a kernel and the bits that kernel realises."""
+
+def plan_lowering(layers: Sequence[LayerInfo], bits: Mapping[str, Bits], mode: str = "static",
+                  label: str = "allocation") -> list[LayerPlan]:
+    """Map every layer's requested bits to a kernel and the bits that kernel realises.
+
+    Activation-by-activation matmuls and int4 weight-only layers keep float activations
+    by design. So the warning counts only layers whose weight width changed or whose
+    int8 activations were widened. ``label`` names the allocation in the warning.
+    """
     if mode not in ("static", "dynamic"):
         raise ValueError(f"mode must be 'static' or 'dynamic', got {mode!r}")
     int8 = INT8_STATIC if mode == "static" else INT8_DYNAMIC
@@ -116,21 +129,27 @@ def plan_lowering(layers: Sequence[LayerInfo], bits: Mapping[str, Bits], mode: s
         if act_bits is not None and act_bits != 8:
             reasons.append(f"activations promoted from {act_bits} to 8 bits")
         plans.append(LayerPlan(**common, kernel=int8, bits=(8, 8), reason="; ".join(reasons)))
-    promoted = [p for p in plans if p.promoted]
+    promoted = [p for p in plans if p.widened]
     if promoted:
-        logger.warning("%d of %d layers change bit-width to fit a CPU kernel (%s); the report lists each",
-                       len(promoted), len(plans), ", ".join(f"{p.name} {_label(p.requested)}→{_label(p.bits)}"
-                                                            for p in promoted[:4]) + (", …" if len(promoted) > 4 else ""))
+        examples = ", ".join(f"{p.name} {_label(p.requested)}→{_label(p.bits, p.kernel)}" for p in promoted[:4])
+        logger.warning("%s: %d of %d layers change bit-width to fit a CPU kernel (%s%s); LayerPlan.reason "
+                       "(lowered.plans, or the bench report) gives each reason", label, len(promoted), len(plans),
+                       examples, ", …" if len(promoted) > 4 else "")
     return plans
 
 
-def _label(bits: Bits) -> str:
+def _label(bits: Bits, kernel: str = "") -> str:
     weight, act = bits
-    return (f"w{weight}" if weight is not None else "") + (f"a{act}" if act is not None else "a32")
+    if kernel == INT4_WEIGHT_ONLY:
+        return f"w{weight}abf16"
+    text = f"w{weight}" if weight is not None else ""
+    if act is None:
+        return text + "a32"
+    return text + f"a{act}"
 
 
 def simulated_bits(plans: Sequence[LayerPlan]) -> dict[str, Bits]:
-    """The allocation after promotion, for ``LampQSession.apply`` / ``evaluate``."""
+    """Return the allocation after promotion, for ``LampQSession.apply`` / ``evaluate``."""
     return {p.name: p.bits for p in plans}
 
 
@@ -143,12 +162,12 @@ class LoweringBackend(Protocol):
               calibration: Iterable[torch.Tensor], example: torch.Tensor) -> nn.Module: ...
 
     def rebuild(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan], example: torch.Tensor) -> nn.Module:
-        """The same module structure without calibration, ready for ``load_state_dict``."""
+        """Build the same module structure without calibration, ready for ``load_state_dict``."""
         ...
 
 
 def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The simulated quantizer's per-channel symmetric 8-bit weight as a qint8 tensor."""
+    """Return the simulated quantizer's per-channel symmetric 8-bit weight as a qint8 tensor."""
     dequantized, scale = quantize_weight_per_channel(weight, 8)
     return torch.quantize_per_channel(dequantized.float(), scale.double(), torch.zeros_like(scale, dtype=torch.long),
                                       0, torch.qint8)
@@ -238,7 +257,7 @@ def plan_table(plans: Sequence[LayerPlan]) -> str:
     rows = ["| layer | type | allocated | lowered | kernel | reason |", "|---|---|---|---|---|---|"]
     for p in plans:
         if p.promoted:
-            rows.append(f"| {p.name} | {p.layer_type} | {_label(p.requested)} | {_label(p.bits)} | {p.kernel} | "
+            rows.append(f"| {p.name} | {p.layer_type} | {_label(p.requested)} | {_label(p.bits, p.kernel)} | {p.kernel} | "
                         f"{p.reason} |")
     return "\n".join(rows) if len(rows) > 2 else "No layer changed bit-width."
 

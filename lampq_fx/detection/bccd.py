@@ -3,9 +3,9 @@
 Images (640×480) are resized to 448×336, which keeps the aspect ratio and gives a
 32×24 patch grid. Cells then span about 10 to 170 pixels: platelets and red cells
 fall on the stride-7 pyramid level, white cells on stride 14 and 28. The backbone
-stays frozen, so its feature maps are computed once and cached in memory; the
-pyramid and head train on them, with horizontal and vertical flips of the maps and
-boxes as augmentation (blood cells have no preferred orientation).
+stays frozen, so its feature maps are computed once and cached in memory. The
+pyramid and head train on them. Horizontal and vertical flips of the maps and boxes
+serve as augmentation, because blood cells have no preferred orientation.
 
     python -m lampq_fx.detection.bccd --data ../shared/data/bccd/BCCD
 
@@ -65,7 +65,7 @@ def to_original(detections: list[dict], scales: list[tuple[float, float]]) -> li
 
 
 def build_bccd_detector(onnx_path: Path | str | None = None, *, load_head: bool = True) -> ViTFCOS:
-    """The DINOv2 ViT-S/14 FCOS detector; ``load_head`` loads the shipped pyramid and head."""
+    """Build the DINOv2 ViT-S/14 FCOS detector; ``load_head`` loads the shipped pyramid and head."""
     from lampq_fx.pretrained.dinov2_onnx import load_dinov2_from_onnx
     vit = load_dinov2_from_onnx(onnx_path, IMAGE_SIZE)
     model = ViTFCOS(vit, num_classes=len(CLASSES), image_size=IMAGE_SIZE, channels=128, head_convs=2)

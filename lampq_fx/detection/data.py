@@ -98,7 +98,7 @@ def read_voc(root: Path | str, split: str, classes: Sequence[str] | None = None)
 
 
 def to_coco(dataset: DetectionDataset) -> dict:
-    """The COCO ground-truth dict of ``dataset`` (category id = class index + 1)."""
+    """Return the COCO ground-truth dict of ``dataset`` (category id = class index + 1)."""
     images, annotations = [], []
     for record in dataset.records:
         images.append({"id": record.image_id, "file_name": str(record.image), "width": record.width,

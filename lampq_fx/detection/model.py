@@ -7,8 +7,8 @@ Layout (ViTDet style, one feature map from the last block):
            → FCOS head (shared conv towers, class logits, box distances, centerness)
 
 Why FCOS: it is anchor-free and single-stage, so the head is a few convolutions with
-no region proposals or RoI pooling; every learned layer is a Conv2d that LampQ can
-type and quantize, and the loss and decoding come from torchvision unchanged.
+no region proposals or RoI pooling. Every learned layer is a Conv2d that LampQ can
+type and quantize. The loss and the decoding come from torchvision unchanged.
 Blood cells span roughly 10 to 60 pixels at the input size used here, which the
 stride-7 level of a patch-14 backbone covers.
 
@@ -161,7 +161,7 @@ class ViTFCOS(nn.Module):
 
 
 def detection_loss(model: ViTFCOS):
-    """A ``loss_fn(outputs, targets)`` for ``LampQSession``: per-image FCOS losses."""
+    """Return a ``loss_fn(outputs, targets)`` for ``LampQSession``: per-image FCOS losses."""
     def loss(outputs: dict[str, torch.Tensor], targets: Sequence[dict]) -> torch.Tensor:
         return model.per_sample_loss(outputs, targets)
     loss.__qualname__ = "fcos_per_sample_loss"

