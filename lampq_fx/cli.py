@@ -61,7 +61,7 @@ def _positive_float(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize.add_argument("--calib-images", type=_positive_int, metavar="N",
                           help="calibration images (default 512 for the reference model, 256 otherwise)")
+    quantize.add_argument("--calib", choices=("data", "synthetic", "noise"), default="data",
+                          help="calibration source: data (default), synthetic (zero-shot: images the model "
+                               "generates for itself, cached per model and seed) or noise (Gaussian)")
+    quantize.add_argument("--synthetic-steps", type=_positive_int, default=200, metavar="N",
+                          help="optimizer steps per batch of synthetic images (default 200)")
+    quantize.add_argument("--synthetic-lr", type=_positive_float, default=0.1, metavar="LR",
+                          help="Adam learning rate of the synthetic images (default 0.1)")
     quantize.add_argument("--eval-images", type=_positive_int, metavar="N",
                           help="test images to evaluate on (default all)")
     quantize.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="batch size (default 64)")
@@ -258,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         baseline=None if args.baseline == "none" else args.baseline,
         weight_bits=args.weight_bits, act_bits=args.act_bits, min_bits=args.min_bits,
         rounds=args.rounds, solver=args.solver, time_limit_s=args.time_limit,
-        calib_images=args.calib_images, eval_images=args.eval_images, batch_size=args.batch_size,
+        calib_images=args.calib_images, calib=args.calib, synthetic_steps=args.synthetic_steps,
+        synthetic_lr=args.synthetic_lr, eval_images=args.eval_images, batch_size=args.batch_size,
         seed=args.seed, out=args.out, cache=args.cache, progress=not args.no_progress,
     )
     try:

@@ -11,6 +11,10 @@ returns the LampQ model: simulated (``lower=False``) or lowered to CPU kernels
 (``lower=True``). The returned model carries ``lampq_allocation`` (an ``Allocation``)
 and ``lampq_config`` (the config that produced it).
 
+Zero-shot: ``calib="synthetic"`` replaces the recorded images by as many images
+generated from the model itself (``lampq_fx.zeroshot``), ``calib="noise"`` by Gaussian
+noise; either way the recorded images only give the shape and the count.
+
 Calibration: ``prepare`` wraps the model in a recorder that keeps the images passed to
 it (up to ``calib_images``). ``run_fn`` may call ``model(images, targets=labels)`` to
 give true labels; without them LampQ uses the float model's predictions as labels for
@@ -74,6 +78,8 @@ class LampQConfig(TorchBaseConfig):
         solver: str = "auto",
         lower: bool = False,
         lower_mode: str = "static",
+        calib: str = "data",
+        synthetic_steps: int = 200,
         white_list=DEFAULT_WHITE_LIST,
         **kwargs,
     ):
@@ -89,6 +95,8 @@ class LampQConfig(TorchBaseConfig):
         self.solver = solver
         self.lower = lower
         self.lower_mode = lower_mode
+        self.calib = calib
+        self.synthetic_steps = synthetic_steps
         self._post_init()
 
     def check(self) -> None:
@@ -100,6 +108,8 @@ class LampQConfig(TorchBaseConfig):
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(strategy_names())}")
         if self.lower_mode not in ("static", "dynamic"):
             raise ValueError(f"lower_mode must be 'static' or 'dynamic', got {self.lower_mode!r}")
+        if self.calib not in ("data", "synthetic", "noise"):
+            raise ValueError(f"calib must be 'data', 'synthetic' or 'noise', got {self.calib!r}")
         if self.calib_images < 1 or self.batch_size < 1:
             raise ValueError("calib_images and batch_size must be ≥ 1")
 
@@ -170,6 +180,11 @@ def _calibration_set(recorder: CalibrationRecorder, example_inputs) -> Calibrati
 def _quantize_recorded(recorder: CalibrationRecorder, config: LampQConfig, example_inputs) -> nn.Module:
     config.check()
     calibration = _calibration_set(recorder, example_inputs)
+    if config.calib != "data":  # zero-shot: the recorded images only give the shape and the count
+        from lampq_fx.zeroshot import SyntheticConfig, replace_calibration
+        calibration, _ = replace_calibration(recorder.model, calibration, config.calib,
+                                             SyntheticConfig(steps=config.synthetic_steps, seed=config.seed),
+                                             progress=False)
     spec = parse_budget(config.budget)
     space = spec.space(SearchSpace(tuple(config.weight_bits), tuple(config.act_bits)))
     torch.manual_seed(config.seed)

@@ -102,3 +102,11 @@ def test_head_training_lowers_loss():
     body = dict(model.core.backbone.body.named_parameters())
     fresh = dict(_detector().core.backbone.body.named_parameters())
     assert all(torch.equal(body[name], fresh[name]) for name in body)  # the backbone stays frozen
+
+
+def test_detection_task_errors(tmp_path, caplog):
+    from lampq_fx.cli import main
+    assert main(["quantize", "--task", "detection", "--out", str(tmp_path / "a")]) == 2
+    assert "--task detection needs --data" in caplog.text
+    assert main(["quantize", "--task", "detection", "--data", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "is not a Pascal VOC folder" in caplog.text
