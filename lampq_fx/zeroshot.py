@@ -12,7 +12,7 @@ normalized input space) and are optimized with Adam to minimize
   diverse patches, so their similarities spread out and H is high. Noise and
   collapsed images give similarities bunched together and H is low.
 * CE(f(x), ŷ) pulls each image toward a pseudo-label ŷ drawn uniformly from the
-  classes (``ce_weight=0`` drops it; a detector has no class logits, so it is dropped).
+  classes. ``ce_weight=0`` drops it, and so does a model without class logits.
 * TV(x) = mean |x[:, :, i+1, j] − x[:, :, i, j]| + mean |x[:, :, i, j+1] − x[:, :, i, j]|
   is a small smoothness prior.
 
