@@ -132,7 +132,7 @@ def test_cli_checkpoint_errors(tmp_path, caplog):
 @pytest.mark.parametrize("args,message", [
     (["--min-bits", "mlp=8"], "unknown layer type 'mlp'; valid types: patch_embed, qkv"),
     (["--min-bits", "head=9"], "head=9: bit-widths must be from 2 to 8"),
-    (["--time-limit", "-5"], "expected a positive number of seconds, got -5"),
+    (["--time-limit", "-5"], "expected a positive number, got -5"),
     (["--strategy", "nonsense"], "invalid choice: 'nonsense'"),
 ])
 def test_cli_argument_errors(args, message, capsys):

@@ -96,7 +96,8 @@ def lowered_weight_bytes(module: nn.Module) -> int:
         if isinstance(sub, Int4WeightOnlyLinear):
             total += sub.weight_bytes() + (sub.bias.numel() * 4 if sub.bias is not None else 0)
             counted.add(name)
-        elif hasattr(sub, "_weight_bias") and callable(sub._weight_bias):
+        elif hasattr(sub, "_weight_bias") and callable(sub._weight_bias) and name.rpartition(".")[0] not in counted:
+            # A quantized Linear and its _packed_params child both expose _weight_bias: count it once.
             weight, bias = sub._weight_bias()
             total += weight.numel() * weight.element_size() + weight.q_per_channel_scales().numel() * 8 \
                 if weight.qscheme() in (torch.per_channel_symmetric, torch.per_channel_affine) \
