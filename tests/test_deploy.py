@@ -239,3 +239,18 @@ def test_quantize_with_restricted_widths(tmp_path, options, weight_bits, act_bit
     rows = json.loads((out / "w5-avg" / "allocation.json").read_text())["layers"]
     assert {row["weight_bits"] for row in rows if row["weight_bits"] is not None} <= weight_bits
     assert {row["act_bits"] for row in rows} <= act_bits
+
+
+def test_int8_weight_bytes_count_each_weight_once(wide_session):
+    lowered = lower_session(wide_session, {l.name: (8, 8) if l.has_weight else (None, None)
+                                           for l in wide_session.layers})
+    expected = 0
+    for name, module in wide_session.traced.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):  # int8 codes, float64 channel scales, FP32 bias
+            expected += module.weight.numel() + 8 * module.weight.shape[0] + 4 * module.bias.numel()
+        elif isinstance(module, torch.nn.LayerNorm):
+            expected += 4 * (module.weight.numel() + module.bias.numel())
+    model = wide_session.traced
+    expected += 4 * (model.token.numel() + model.position.numel())
+    scalars = sum(t.numel() * t.element_size() for n, t in lowered.module.named_buffers() if "input_scale" in n)
+    assert lowered.weight_bytes() == expected + scalars
