@@ -91,12 +91,16 @@ def test_plan_promotes_and_warns(wide_session, caplog):
     with caplog.at_level(logging.WARNING):
         plans = {p.name: p for p in plan_lowering(wide_session.layers, bits)}
     assert "change bit-width to fit a CPU kernel" in caplog.text
-    assert plans["blocks.0.up"].kernel == INT4_WEIGHT_ONLY and plans["blocks.0.up"].bits == (4, None)
+    assert plans["blocks.0.up"].kernel == INT4_WEIGHT_ONLY
+    assert plans["blocks.0.up"].bits == (4, None)
     assert "no 3-bit kernel" in plans["blocks.0.up"].reason
-    assert plans["alpha"].kernel == INT8_STATIC and plans["alpha"].bits == (8, 8)  # no int4 convolution
-    assert plans["omega"].bits == (8, 8) and "output width a multiple of 16" in plans["omega"].reason
+    assert plans["alpha"].kernel == INT8_STATIC  # no int4 convolution
+    assert plans["alpha"].bits == (8, 8)
+    assert plans["omega"].bits == (8, 8)
+    assert "output width a multiple of 16" in plans["omega"].reason
     matmul = next(p for p in plans.values() if p.kind == "matmul")
-    assert matmul.kernel == FLOAT and matmul.bits == (None, None)
+    assert matmul.kernel == FLOAT
+    assert matmul.bits == (None, None)
 
 
 def _capture(module, names):
@@ -143,7 +147,8 @@ def test_op_table_lists_float_ops(wide_session):
     assert rows[("Linear", "int8 static (x86)")] == 9  # 4 per block and the head
     assert rows[("Conv2d", "int8 static (x86)")] == 1
     assert rows[("LayerNorm", "float32")] == 5
-    assert rows[("softmax", "float32")] == 2 and rows[("gelu", "float32")] == 2
+    assert rows[("softmax", "float32")] == 2
+    assert rows[("gelu", "float32")] == 2
     assert rows[("matmul", "float32")] == 4
 
 
@@ -211,7 +216,8 @@ def test_bench_command_writes_results(tmp_path):
                  "--calib-images", "16", "--out", str(out)]) == 0
     record = json.loads((out / "bench.json").read_text())
     assert [row["variant"] for row in record["rows"]] == ["fp32", "int8", "int4"]
-    assert record["threads"] == 2 and record["rows"][0]["batches"]["2"]["median_ms"] > 0
+    assert record["threads"] == 2
+    assert record["rows"][0]["batches"]["2"]["median_ms"] > 0
     assert record["rows"][2]["weight_ratio_vs_fp32"] < record["rows"][1]["weight_ratio_vs_fp32"] < 1
     assert "| layer_norm | float32 |" in (out / "bench.md").read_text()
     assert (out / "bench.png").stat().st_size > 0
