@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU deployment benchmark (issue 4): DeiT-S at 224 px with random weights, and the
+# CPU deployment benchmark: DeiT-S at 224 px with random weights, and the
 # embedded reference model. Each model gets a kernel-only LampQ allocation at an
 # average of 4.5 weight bits (patch embedding and head kept at 8 bits, since they
 # have no int4 kernel), then `lampq bench` times FP32, BF16, int8, int4 and LampQ.

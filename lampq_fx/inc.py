@@ -12,8 +12,8 @@ returns the LampQ model: simulated (``lower=False``) or lowered to CPU kernels
 and ``lampq_config`` (the config that produced it).
 
 Zero-shot: ``calib="synthetic"`` replaces the recorded images by as many images
-generated from the model itself (``lampq_fx.zeroshot``), ``calib="noise"`` by Gaussian
-noise; either way the recorded images only give the shape and the count.
+generated from the model itself (``lampq_fx.zeroshot``), and ``calib="noise"`` by
+Gaussian noise. Either way the recorded images only give the shape and the count.
 
 Calibration: ``prepare`` wraps the model in a recorder that keeps the images passed to
 it (up to ``calib_images``). ``run_fn`` may call ``model(images, targets=labels)`` to

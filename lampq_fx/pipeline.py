@@ -266,7 +266,7 @@ def _load_vits_cifar_task(config: RunConfig) -> LoadedTask:
 
 
 def create_model(config: RunConfig) -> nn.Module:
-    """A fresh float model as ``config`` names it (no data loaded)."""
+    """Build a fresh float model as ``config`` names it (no data loaded)."""
     torch.manual_seed(config.seed)  # random-weight timm models come out the same every call
     if config.model == REFERENCE_MODEL:
         from lampq_fx.reference import load_reference_model
@@ -286,7 +286,7 @@ def _bccd_root(data: Path) -> Path:
 
 
 def _load_detection_task(config: RunConfig) -> LoadedTask:
-    """The BCCD ViT-S/14 FCOS detector; LampQ uses its FCOS loss, evaluation is COCO box AP."""
+    """Load the BCCD ViT-S/14 FCOS detector task: LampQ uses its FCOS loss, evaluation is COCO box AP."""
     from lampq_fx.detection.bccd import CLASSES, build_bccd_detector, load_images, to_original
     from lampq_fx.detection.data import read_voc
     from lampq_fx.detection.evaluate import coco_evaluate

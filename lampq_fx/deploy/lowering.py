@@ -18,6 +18,11 @@ Every change of bit-width is a ``LayerPlan`` with a reason, logged as one warnin
 listed in the report. ``simulated_bits`` gives the allocation after promotion, which
 is what the lowered model must agree with.
 
+NOTE: the simulation quantizes LayerNorm outputs per channel, the int8 kernel per
+tensor (and it also requantizes each int8 layer's output). On a model near the edge of
+its accuracy this moves predictions: a ViT-S at 4 average bits agreed with its
+simulation on 96.2% of 500 images, the Fashion-MNIST ViT on 99.55% of 10,000.
+
 The lowering sits behind ``LoweringBackend``: ``TorchAOFXBackend`` is the only
 implementation today, and a torchao pt2e backend can replace it without touching
 the planning, checks, serialization or benchmarks.
