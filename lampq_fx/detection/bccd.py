@@ -147,7 +147,7 @@ def train_head(model: ViTFCOS, maps: torch.Tensor, targets: list[dict], *, epoch
             nn.utils.clip_grad_norm_(parameters, 5.0)
             optimizer.step()
             scheduler.step()
-            total += float(loss) * len(index)
+            total += float(loss.detach()) * len(index)
         history.append(total / len(maps))
         if on_epoch is not None:
             on_epoch(epoch, history[-1])
