@@ -148,7 +148,7 @@ def plot_bits_per_layer(path: Path, layers: Sequence[LayerInfo],
 
 
 def format_table(rows: Sequence[Mapping], fp32_top1: float | None, metric: str = "top-1") -> str:
-    """Markdown table of results; ``top1`` holds the task metric (top-1 or box AP) as a fraction or None."""
+    """Markdown table of results; ``top1`` contains the task metric (top-1 or box AP) as a fraction or None."""
     header = (f"| budget | strategy | {metric} (%) | Δ vs FP32 | avg W bits | avg A bits | size (MB) | GBOPs |\n"
               "|---|---|---:|---:|---:|---:|---:|---:|")
     lines = [header]

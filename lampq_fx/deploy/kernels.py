@@ -14,8 +14,8 @@ Scales and zeros are stored as one tensor [K / G, N, 2]. Two ways to fill it:
 * ``from_float``: group-wise asymmetric min/max quantization with group size G.
 
 NOTE: on a 2-core AVX-512 machine without AMX the kernel took 44 ms for a
-6304×384 by 384×1536 product with BF16 activations, against 52 ms in FP32 and 20 ms
-for a dense BF16 matmul: int4 here saves memory, not time.
+6304×384 by 384×1536 product with BF16 activations. FP32 took 52 ms and a dense BF16
+matmul 20 ms, so int4 here saves memory, not time.
 
 The kernel's fast path needs BF16 activations: with FP32 activations it falls back to
 a slow reference path (measured in benchmarks/RESULTS.md). The module therefore casts

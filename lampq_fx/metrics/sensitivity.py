@@ -136,8 +136,8 @@ def fit_type_scales(
     (weight, activation) bits, all others float, and returns the calibration-loss
     increase over the float model.
     """
-    # Probe at the requested widths that are candidates; otherwise at the lowest candidates
-    # (with --kernel-bits 4,8 that is 4 and 8), since errors exist only for candidate widths.
+    # Errors exist only for candidate widths, so probe at the requested widths that are
+    # candidates, or else at the lowest candidates (4 and 8 with --kernel-bits 4,8).
     weight_fit_bits = [b for b in weight_fit_bits if b in space.weight_bits] or sorted(space.weight_bits)[:2]
     act_fit_bits = [b for b in act_fit_bits if b in space.act_bits] or sorted(space.act_bits)[:1]
     by_type: dict[LayerType, list[LayerInfo]] = {}

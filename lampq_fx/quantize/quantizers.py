@@ -149,8 +149,8 @@ class ActivationQuantizer(nn.Module):
 
         # Reservoir sampling keeps a uniform sample of all rows seen so far.
         if not self.per_channel and self.reservoir.numel() and rows.shape[1] != self.reservoir.shape[1]:
-            # A shared module sees inputs of several widths (pyramid levels): for a per-tensor
-            # range only the values matter, so regroup them into rows of the reservoir's width.
+            # A shared module gets inputs of several widths (pyramid levels). A per-tensor
+            # range depends only on the values, so regroup them into rows of the reservoir's width.
             width = self.reservoir.shape[1]
             values = rows.reshape(-1)
             rows = values[:len(values) // width * width].reshape(-1, width)
