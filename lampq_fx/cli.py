@@ -227,7 +227,10 @@ def _bench(args) -> int:
 
     def session_factory():
         task = load_task(config)
-        return LampQSession(task.model, task.calibration, seed=args.seed, progress=False)
+        session = LampQSession(task.model, task.calibration, seed=args.seed, progress=False)
+        if args.mode == "static":  # the int8 layers take the simulated input ranges
+            session.calibrate()
+        return session
 
     bench_config = BenchConfig(batch_sizes=args.batch_sizes, runs=args.runs, warmup=args.warmup,
                                threads=args.threads, mode=args.mode, calibration_images=args.calib_images,

@@ -19,7 +19,7 @@ from lampq_fx.deploy import (
     plan_lowering,
     save_lowered,
 )
-from lampq_fx.deploy.kernels import int4_kernel_available
+from lampq_fx.deploy.kernels import Int8Linear, Int8PatchConv, int4_kernel_available
 from lampq_fx.deploy.lowering import FLOAT, INT4_WEIGHT_ONLY, INT8_STATIC, op_table
 from lampq_fx.quantize.quantizers import quantize_weight_per_channel
 from lampq_fx.session import CalibrationSet, LampQSession
@@ -125,12 +125,28 @@ def test_each_lowered_layer_matches_its_simulation(wide_session):
         source = wide_session.traced.get_submodule(plan.name)
         weight, _ = quantize_weight_per_channel(source.weight, plan.bits[0])
         inputs, output = captured[plan.name]
-        if plan.kernel == INT8_STATIC:
-            x = inputs.dequantize()
-            if isinstance(source, torch.nn.Conv2d):
-                reference = F.conv2d(x, weight, source.bias, source.stride)
+        module = lowered.module.get_submodule(plan.name)
+        if isinstance(module, (Int8Linear, Int8PatchConv)):
+            # Float in, float out: the input quantizer is the simulation's own, the output is not requantized.
+            quantizer = wide_session.modules[plan.name].input_quantizers[0]
+            scale, zero_point = quantizer.quant_params(8)
+            codes = torch.clamp(torch.round(inputs / scale) + zero_point, 0, 255)
+            if isinstance(module, Int8PatchConv):
+                reference = F.conv2d((codes - zero_point) * scale, weight, source.bias, source.stride)
+                module, weight = module.linear, weight.flatten(1)
             else:
-                reference = F.linear(x, weight, source.bias)
+                reference = F.linear((codes - zero_point) * scale, weight, source.bias)
+            if module.per_channel_input:  # the channel scales were folded into a requantized weight
+                folded_error = (module.dequantized_weight() - weight * scale).abs()
+                assert float(folded_error.max()) <= 0.5 * float(module.weight_scale.max()) + 1e-7, plan.name
+                bound = (codes - zero_point).abs() @ folded_error.T + 1e-4
+            else:
+                assert torch.equal(module.dequantized_weight(), weight), plan.name
+                bound = 1e-4 * (1 + reference.abs())
+            assert torch.all((output - reference).abs() <= bound), plan.name
+        elif plan.kernel == INT8_STATIC:  # a torch.ao convolution: quantized input and output
+            x = inputs.dequantize()
+            reference = F.conv2d(x, weight, source.bias, source.stride)
             # Integer accumulation is exact; only the output requantization rounds: half a step.
             step = output.q_scale()
             assert float((output.dequantize() - reference).abs().max()) <= 0.5 * step + 1e-5, plan.name
@@ -138,14 +154,17 @@ def test_each_lowered_layer_matches_its_simulation(wide_session):
             reference = F.linear(inputs.to(torch.bfloat16).float(), weight, source.bias)
             bound = (inputs.abs().float() @ weight.abs().T) * 2 ** -6 + 1e-5  # BF16 scales and output
             assert torch.all((output - reference).abs() <= bound), plan.name
+    assert {type(lowered.module.get_submodule(p.name)) for p in kernel_layers} == \
+        {Int8Linear, Int8PatchConv, Int4WeightOnlyLinear}
 
 
 def test_op_table_lists_float_ops(wide_session):
     lowered = lower_session(wide_session, {l.name: (8, 8) if l.has_weight else (None, None)
                                            for l in wide_session.layers})
     rows = {(row["op"], row["runs_on"]): row["count"] for row in op_table(lowered.module)}
-    assert rows[("Linear", "int8 static (x86)")] == 9  # 4 per block and the head
-    assert rows[("Conv2d", "int8 static (x86)")] == 1
+    assert rows[("Int8Linear", "int8 (x86 oneDNN), per-tensor input, FP32 output")] == 4  # proj and fc2
+    assert rows[("Int8Linear", "int8 (x86 oneDNN), per-channel input, FP32 output")] == 5  # after a LayerNorm
+    assert rows[("Int8PatchConv", "int8 (x86 oneDNN), per-tensor input, FP32 output")] == 1
     assert rows[("LayerNorm", "float32")] == 5
     assert rows[("softmax", "float32")] == 2
     assert rows[("gelu", "float32")] == 2
@@ -252,11 +271,12 @@ def test_int8_weight_bytes_count_each_weight_once(wide_session):
                                            for l in wide_session.layers})
     expected = 0
     for name, module in wide_session.traced.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):  # int8 codes, float64 channel scales, FP32 bias
-            expected += module.weight.numel() + 8 * module.weight.shape[0] + 4 * module.bias.numel()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):  # int8 codes, FP32 channel scales and bias
+            expected += module.weight.numel() + 4 * module.weight.shape[0] + 4 * module.bias.numel()
         elif isinstance(module, torch.nn.LayerNorm):
             expected += 4 * (module.weight.numel() + module.bias.numel())
     model = wide_session.traced
     expected += 4 * (model.token.numel() + model.position.numel())
-    scalars = sum(t.numel() * t.element_size() for n, t in lowered.module.named_buffers() if "input_scale" in n)
+    # A torch.ao module's input scale is a float buffer of the graph; Int8Linear counts its own.
+    scalars = sum(t.numel() * t.element_size() for n, t in lowered.module.named_buffers() if "_input_scale_" in n)
     assert lowered.weight_bytes() == expected + scalars

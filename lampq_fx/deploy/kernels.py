@@ -13,9 +13,23 @@ Scales and zeros are stored as one tensor [K / G, N, 2]. Two ways to fill it:
   is then exactly the simulated one, so lowering changes only the arithmetic.
 * ``from_float``: group-wise asymmetric min/max quantization with group size G.
 
-NOTE: on a 2-core AVX-512 machine without AMX the kernel took 44 ms for a
-6304×384 by 384×1536 product with BF16 activations. FP32 took 52 ms and a dense BF16
-matmul 20 ms, so int4 here saves memory, not time.
+Two ways to compute with the packed weight, picked per call by the row count M:
+
+* M < ``dense_min_rows``: the int4 kernel itself, which reads 4-bit weights and suits
+  few rows (decoding, small batches).
+* M ≥ ``dense_min_rows``: unpack the 4-bit codes to a BF16 weight, W = (q - 8)·scale +
+  zero computed in FP32 and rounded once, then run one dense BF16 matmul. Unpacking
+  costs O(N·K) against the matmul's O(M·N·K), so it is cheap at ViT token counts, and
+  the BF16 weight lives only during the call: stored weights stay 4-bit.
+
+NOTE: on a 2-core AVX-512 machine without AMX, the int4 kernel took 44 ms for a
+6304×384 by 384×1536 product with BF16 activations, FP32 took 52 ms and a dense BF16
+matmul 20 ms; so int4 pays in memory, not time, unless the dense path is used.
+The dense path reads torch's packed layout, which for N a multiple of 64 is blocks of
+64 output channels: byte (block, k, j) holds channel 64·block + j in its low nibble and
+channel 64·block + 32 + j in its high nibble. ``dense_unpack_supported`` checks this
+once per process against the packing routine and turns the dense path off (with one
+warning) if a torch version packs differently.
 
 The kernel's fast path needs BF16 activations: with FP32 activations it falls back to
 a slow reference path (measured in benchmarks/RESULTS.md). The module therefore casts
@@ -24,17 +38,52 @@ its input to BF16 and its output back to the input dtype.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 2
 INT4_OUT_MULTIPLE = 16  # the packing routine needs N divisible by 16
+PACK_BLOCK_N = 64  # output channels per block of torch's CPU int4 layout
+DENSE_MIN_ROWS = 16
 
 
 def int4_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
         hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def unpack_int4_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Return the 4-bit codes q ∈ 0..15 [N, K] (uint8) from torch's CPU packed layout (N % 64 == 0)."""
+    if out_features % PACK_BLOCK_N:
+        raise ValueError(f"unpacking needs out_features a multiple of {PACK_BLOCK_N}, got {out_features}")
+    blocks = packed.reshape(out_features // PACK_BLOCK_N, in_features, PACK_BLOCK_N // 2)
+    codes = torch.cat([blocks & 0xF, blocks >> 4], dim=2)  # [blocks, K, 64]
+    return codes.transpose(1, 2).reshape(out_features, in_features)
+
+
+@functools.cache
+def dense_unpack_supported() -> bool:
+    """True when ``unpack_int4_codes`` inverts this torch's packing routine (checked on random codes)."""
+    if not int4_kernel_available():
+        return False
+    codes = torch.randint(0, 16, (2 * PACK_BLOCK_N, 64), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
+    try:
+        same = torch.equal(unpack_int4_codes(packed, *codes.shape).to(torch.int32), codes)
+    except RuntimeError:  # a different packed shape
+        same = False
+    if not same:
+        logger.warning("torch %s packs int4 weights in a layout lampq_fx does not know; int4 layers use the "
+                       "int4 kernel at every row count (slower than BF16 at ViT token counts)", torch.__version__)
+    return same
 
 
 def pick_group_size(in_features: int, preferred: int = 128) -> int:
@@ -62,6 +111,8 @@ class Int4WeightOnlyLinear(nn.Module):
                              f"kernel, got {out_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.compute_dtype = compute_dtype
+        # Rows at which a call unpacks the weight for one dense BF16 matmul; None: never.
+        self.dense_min_rows: int | None = DENSE_MIN_ROWS
         self.register_buffer("packed_weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros",
                              torch.zeros(in_features // group_size, out_features, 2, dtype=compute_dtype))
@@ -108,11 +159,26 @@ class Int4WeightOnlyLinear(nn.Module):
                                                              self.scales_and_zeros)
         return columns.float().T.contiguous()
 
+    def unpacked_weight(self) -> torch.Tensor:
+        """Return the weight [N, K] in ``compute_dtype``, computed in FP32 from the codes and rounded once."""
+        codes = unpack_int4_codes(self.packed_weight, self.out_features, self.in_features).float() - 8
+        scales, zeros = self.scales_and_zeros.float().unbind(-1)  # [K / G, N] each
+        grouped = codes.reshape(self.out_features, -1, self.group_size)
+        weight = grouped * scales.T[:, :, None] + zeros.T[:, :, None]
+        return weight.reshape(self.out_features, self.in_features).to(self.compute_dtype)
+
+    def uses_dense_path(self, rows: int) -> bool:
+        return self.dense_min_rows is not None and rows >= self.dense_min_rows and \
+            self.out_features % PACK_BLOCK_N == 0 and dense_unpack_supported()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed_weight, self.group_size,
-                                                         self.scales_and_zeros)
+        if self.uses_dense_path(flat.shape[0]):
+            out = F.linear(flat, self.unpacked_weight())
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed_weight, self.group_size,
+                                                             self.scales_and_zeros)
         out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
@@ -124,3 +190,150 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         return self.packed_weight.numel() + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
+
+
+def onednn_int8_available() -> bool:
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise") and \
+        hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
+class Int8Linear(nn.Module):
+    """``y = x Wᵀ + b`` with int8 activations and weights on oneDNN's x86 GEMM, FP32 output.
+
+    The input is quantized to uint8 with the simulated quantizer's parameters, per
+    tensor (scale s, zero point z) or per channel (s_c, z_c); the output stays FP32, so
+    no requantization follows the GEMM. A per-channel input has no per-tensor GEMM, so
+    its scales move into the weight, which is quantized again per output channel:
+
+        Σ_c W[n, c] · s_c · (q_c - z_c) = Σ_c W'[n, c] · q_c - Σ_c W'[n, c] · z_c,   W' = W · diag(s)
+
+    (the same identity RepQ-ViT uses to fold LayerNorm ranges). The GEMM then takes q
+    with scale 1 and zero point 0, and the last sum goes into the bias. Per-tensor
+    inputs keep the simulated weight codes unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        if not onednn_int8_available():
+            raise RuntimeError(f"torch {torch.__version__} has no onednn.qlinear_pointwise kernel")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features))
+        self.register_buffer("input_scale", torch.ones(1))
+        self.register_buffer("input_zero_point", torch.zeros(1, dtype=torch.long))
+        self._packed: torch.Tensor | None = None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
+                    input_zero_point: torch.Tensor) -> "Int8Linear":
+        """Build from a float (already dequantized) weight [N, K] and the input quantizer's parameters."""
+        from lampq_fx.quantize.quantizers import quantize_weight_per_channel
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features)
+        weight = weight.detach().float()
+        bias = torch.zeros(out_features) if bias is None else bias.detach().float()
+        scale = input_scale.detach().float().reshape(-1)
+        zero_point = torch.round(input_zero_point.detach().float().reshape(-1))
+        if scale.numel() > 1:  # fold the channel scales into the weight, the zero points into the bias
+            weight = weight * scale[None, :]
+        dequantized, weight_scale = quantize_weight_per_channel(weight, 8)
+        if scale.numel() > 1:
+            bias = bias - dequantized @ zero_point
+        module.weight_codes = torch.round(dequantized / weight_scale[:, None]).to(torch.int8)
+        module.weight_scale = weight_scale.float()
+        module.bias = bias
+        module.input_scale, module.input_zero_point = scale, zero_point.long()
+        return module
+
+    @property
+    def per_channel_input(self) -> bool:
+        return self.input_scale.numel() > 1
+
+    def quantize_input(self, rows: torch.Tensor) -> torch.Tensor:
+        """Return the uint8 codes of FP32 rows [M, K]."""
+        if self.per_channel_input:
+            quantized = torch.quantize_per_channel(rows, self.input_scale.double(), self.input_zero_point, 1,
+                                                   torch.quint8)
+        else:
+            quantized = torch.quantize_per_tensor(rows, float(self.input_scale), int(self.input_zero_point),
+                                                  torch.quint8)
+        return quantized.int_repr()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qlinear_prepack(self.weight_codes, None)
+        shape = x.shape
+        codes = self.quantize_input(x.reshape(-1, self.in_features).float().contiguous())
+        if self.per_channel_input:
+            x_scale, x_zero_point = 1.0, 0
+        else:
+            x_scale, x_zero_point = float(self.input_scale), int(self.input_zero_point)
+        out = torch.ops.onednn.qlinear_pointwise(
+            codes, x_scale, x_zero_point, self._packed, self.weight_scale,
+            torch.zeros(self.out_features, dtype=torch.long), self.bias, 1.0, 0, torch.float32, "none", [], "")
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The FP32 weight the GEMM computes with, per input code (channel scales folded in)."""
+        return self.weight_codes.float() * self.weight_scale[:, None]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("input_scale", "input_zero_point"):  # per-tensor or per-channel: take the saved shape
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        self._packed = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        granularity = "per-channel" if self.per_channel_input else "per-tensor"
+        return f"in_features={self.in_features}, out_features={self.out_features}, input {granularity} uint8"
+
+    def weight_bytes(self) -> int:
+        return self.weight_codes.numel() + self.weight_scale.numel() * 4
+
+
+class Int8PatchConv(nn.Module):
+    """A patch-embedding Conv2d (kernel = stride, no padding) as an ``Int8Linear`` on flattened patches.
+
+    Each output position sees one p×p patch, so the convolution is a matmul of the
+    patches [B·H'·W', C·p·p] with the weight [N, C·p·p]; an int8 GEMM with FP32 output
+    then computes it with the simulation's per-tensor input range.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.linear = Int8Linear(in_channels * self.kernel_size[0] * self.kernel_size[1], out_channels)
+
+    @staticmethod
+    def supports(conv) -> bool:
+        """True for a convolution whose windows tile the input: kernel = stride, no padding or dilation, 1 group."""
+        def pair(value):
+            return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+        return pair(conv.kernel_size) == pair(conv.stride) and pair(conv.padding) == (0, 0) and \
+            pair(conv.dilation) == (1, 1) and conv.groups == 1 and getattr(conv, "padding_mode", "zeros") == "zeros"
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
+                    input_zero_point: torch.Tensor) -> "Int8PatchConv":
+        out_channels, in_channels, height, width = weight.shape
+        module = cls(in_channels, out_channels, (height, width))
+        module.linear = Int8Linear.from_weight(weight.reshape(out_channels, -1), bias, input_scale, input_zero_point)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        kh, kw = self.kernel_size
+        rows, columns = height // kh, width // kw
+        x = x[:, :, :rows * kh, :columns * kw]  # the convolution drops a partial last window
+        patches = x.reshape(batch, channels, rows, kh, columns, kw).permute(0, 2, 4, 1, 3, 5)
+        out = self.linear(patches.reshape(batch, rows, columns, channels * kh * kw))
+        return out.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+
+    def weight_bytes(self) -> int:
+        return self.linear.weight_bytes()

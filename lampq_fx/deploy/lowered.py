@@ -23,8 +23,9 @@ from torch import nn
 from lampq_fx.allocation.space import Allocation
 from lampq_fx.analysis.layer_types import LayerInfo, annotate_layers
 from lampq_fx.analysis.tracing import trace_model
-from lampq_fx.deploy.kernels import Int4WeightOnlyLinear
+from lampq_fx.deploy.kernels import Int4WeightOnlyLinear, Int8Linear
 from lampq_fx.deploy.lowering import (
+    INT8_STATIC,
     LayerPlan,
     LoweringBackend,
     default_backend,
@@ -39,7 +40,7 @@ from lampq_fx.io import write_bytes_atomic
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "lampq-lowered"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: static int8 Linear layers are Int8Linear modules
 
 
 class LoweredFileError(ValueError):
@@ -93,7 +94,7 @@ def lowered_weight_bytes(module: nn.Module) -> int:
     total = 0
     counted = set()
     for name, sub in module.named_modules():
-        if isinstance(sub, Int4WeightOnlyLinear):
+        if isinstance(sub, (Int4WeightOnlyLinear, Int8Linear)):  # an Int8PatchConv counts through its Int8Linear
             total += sub.weight_bytes() + (sub.bias.numel() * 4 if sub.bias is not None else 0)
             counted.add(name)
         elif hasattr(sub, "_weight_bias") and callable(sub._weight_bias) and name.rpartition(".")[0] not in counted:
@@ -123,7 +124,11 @@ def lower_session(session, allocation: Allocation | dict, *, mode: str = "static
     backend = backend or default_backend()
     images = session.calibration.images[:calibration_images]
     batches = [images[i:i + session.batch_size] for i in range(0, len(images), session.batch_size)]
-    module = backend.lower(session.traced, plans, batches, session.calibration.images[:1])
+    static = [p.name for p in plans if p.kernel == INT8_STATIC]
+    if static:
+        session._require_calibration()  # static int8 layers take the simulation's input ranges
+    params = {name: session.modules[name].input_quantizers[0].quant_params(8) for name in static}
+    module = backend.lower(session.traced, plans, batches, session.calibration.images[:1], params)
     logger.info("lowered %d layers with %s (%s): %s", len(plans), backend.name, mode,
                 ", ".join(f"{kernel} {count}" for kernel, count in _kernel_counts(plans).items()))
     return LoweredModel(module, plans, mode, backend.name, model_fingerprint(session.layers),
@@ -195,6 +200,9 @@ def load_lowered(model: nn.Module, path: Path | str, example: torch.Tensor,
     if payload.get("version", 0) > FORMAT_VERSION:
         raise LoweredFileError(f"{path} has format version {payload['version']}, newer than this lampq_fx "
                                f"reads ({FORMAT_VERSION}); upgrade lampq_fx")
+    if payload.get("version", 0) < FORMAT_VERSION:
+        raise LoweredFileError(f"{path} has format version {payload['version']}, written by an older lampq_fx "
+                               f"whose int8 layers this version does not rebuild; lower the allocation again")
     traced = trace_model(model, example)
     layers = annotate_layers(traced, example)
     fingerprint = model_fingerprint(layers)

@@ -46,7 +46,10 @@ from lampq_fx.deploy.kernels import (
     GROUP_SIZES,
     INT4_OUT_MULTIPLE,
     Int4WeightOnlyLinear,
+    Int8Linear,
+    Int8PatchConv,
     int4_kernel_available,
+    onednn_int8_available,
     pick_group_size,
 )
 from lampq_fx.quantize.quantizers import quantize_weight_per_channel
@@ -56,6 +59,7 @@ logger = logging.getLogger(__name__)
 KERNEL_WEIGHT_BITS = (4, 8)
 INT8_STATIC, INT8_DYNAMIC, INT4_WEIGHT_ONLY, FLOAT = "int8-static", "int8-dynamic", "int4-weight-only", "float32"
 Bits = tuple[int | None, int | None]
+ActivationParams = tuple[torch.Tensor, torch.Tensor]  # (scale, zero point), per tensor [1] or per channel [C]
 
 
 @dataclass
@@ -164,7 +168,10 @@ class LoweringBackend(Protocol):
     name: str
 
     def lower(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan],
-              calibration: Iterable[torch.Tensor], example: torch.Tensor) -> nn.Module: ...
+              calibration: Iterable[torch.Tensor], example: torch.Tensor,
+              activation_params: Mapping[str, ActivationParams] | None = None) -> nn.Module:
+        """``activation_params``: the simulated 8-bit input (scale, zero point) of each int8 layer."""
+        ...
 
     def rebuild(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan], example: torch.Tensor) -> nn.Module:
         """Build the same module structure without calibration, ready for ``load_state_dict``."""
@@ -193,12 +200,13 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 class TorchAOFXBackend:
     """``torch.ao.quantization`` FX mode (prepare_fx / convert_fx) on the x86 backend."""
 
-    name = "torch.ao-fx-x86"
-
-    def __init__(self, reduce_range: bool = False) -> None:
+    def __init__(self, reduce_range: bool = False, fp32_output: bool = True) -> None:
         # reduce_range=True (torch's x86 default) keeps 7-bit activations, which avoids
         # overflow in the AVX2 u8·s8 instruction; VNNI and AMX machines do not need it.
         self.reduce_range = reduce_range
+        # fp32_output: static int8 Linear layers run as Int8Linear (simulated input ranges, FP32 output)
+        self.fp32_output = fp32_output
+        self.name = "torch.ao-fx-x86" + ("+onednn-fp32-out" if fp32_output else "")
 
     def _qconfig_mapping(self, plans: Sequence[LayerPlan]):
         from torch.ao.quantization import QConfig, QConfigMapping, default_dynamic_qconfig
@@ -222,21 +230,28 @@ class TorchAOFXBackend:
         return prepare_fx(model, self._qconfig_mapping(plans), example_inputs=(example,),
                           backend_config=get_native_backend_config())
 
-    def _convert(self, prepared: fx.GraphModule, float_model: fx.GraphModule, plans: Sequence[LayerPlan]):
+    def _convert(self, prepared: fx.GraphModule, float_model: fx.GraphModule, plans: Sequence[LayerPlan],
+                 activation_params: Mapping[str, ActivationParams] | None = None):
         from torch.ao.quantization.quantize_fx import convert_fx
         converted = convert_fx(prepared)
+        activation_params = activation_params or {}
         for plan in plans:
             if plan.kernel in (INT8_STATIC, INT8_DYNAMIC):
                 module = converted.get_submodule(plan.name)
                 source = float_model.get_submodule(plan.name)
                 module.set_weight_bias(_int8_weight(source.weight), module.bias())
+                if plan.kernel == INT8_STATIC:
+                    _use_simulated_input(converted, plan.name, activation_params.get(plan.name), self.fp32_output)
             elif plan.kernel == INT4_WEIGHT_ONLY:
                 _set_submodule(converted, plan.name, _int4_module(float_model.get_submodule(plan.name)))
+        converted.graph.lint()
+        converted.recompile()
         return converted
 
     @torch.no_grad()
     def lower(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan],
-              calibration: Iterable[torch.Tensor], example: torch.Tensor) -> nn.Module:
+              calibration: Iterable[torch.Tensor], example: torch.Tensor,
+              activation_params: Mapping[str, ActivationParams] | None = None) -> nn.Module:
         prepared = self._prepare(float_model, plans, example)
         seen = 0
         for images in calibration:
@@ -244,13 +259,73 @@ class TorchAOFXBackend:
             seen += len(images)
         if seen == 0 and any(p.kernel == INT8_STATIC for p in plans):
             raise ValueError("static int8 lowering needs calibration images; none were given")
-        return self._convert(prepared, float_model, plans)
+        return self._convert(prepared, float_model, plans, activation_params)
 
     @torch.no_grad()
     def rebuild(self, float_model: fx.GraphModule, plans: Sequence[LayerPlan], example: torch.Tensor) -> nn.Module:
         prepared = self._prepare(float_model, plans, example)
         prepared(example)  # placeholder ranges; load_state_dict replaces every quantization parameter
         return self._convert(prepared, float_model, plans)
+
+
+def _find_module_node(graph: fx.Graph, name: str) -> fx.Node:
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target == name:
+            return node
+    raise KeyError(f"no call of module {name} in the converted graph")
+
+
+def _is_quantize(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.quantize_per_tensor
+
+
+def _use_simulated_input(converted: fx.GraphModule, name: str, params: ActivationParams | None,
+                         fp32_output: bool) -> None:
+    """Give an int8 layer the simulated input quantizer and an FP32 output.
+
+    torch.ao picks input ranges with its own observer and requantizes every output to
+    int8; both differ from the simulation the allocator scored. A Linear becomes an
+    ``Int8Linear`` and a patch-embedding convolution an ``Int8PatchConv``: the input is
+    quantized with ``params`` (per channel where the simulation is), the output stays
+    FP32 and the trailing dequantize goes. Other convolutions keep the torch.ao kernel
+    with ``params`` as their per-tensor input range.
+    """
+    node = _find_module_node(converted.graph, name)
+    module = converted.get_submodule(name)
+    quantize = node.args[0] if _is_quantize(node.args[0]) else None
+    if quantize is not None and params is None:  # rebuild, or no session: keep the observer's range
+        params = (getattr(converted, quantize.args[1].target).reshape(1),
+                  getattr(converted, quantize.args[2].target).reshape(1))
+    kind = type(module).__name__
+    rebuilt = fp32_output and onednn_int8_available() and params is not None and \
+        (kind == "Linear" or (kind == "Conv2d" and Int8PatchConv.supports(module)))
+    if not rebuilt:
+        if quantize is not None and params is not None and params[0].numel() == 1:
+            setattr(converted, quantize.args[1].target, params[0].reshape(()).float())
+            setattr(converted, quantize.args[2].target, torch.round(params[1]).reshape(()).long())
+        return
+    weight, bias = module.weight().dequantize(), module.bias()
+    replacement = (Int8Linear if kind == "Linear" else Int8PatchConv).from_weight(weight, bias, *params)
+    graph = converted.graph
+    if quantize is not None:
+        float_input = quantize.args[0]
+    else:  # the input is already a quantized tensor: dequantize it first
+        with graph.inserting_before(node):
+            float_input = graph.call_method("dequantize", (node.args[0],))
+    output_scale, output_zero_point = float(module.scale), int(module.zero_point)
+    _set_submodule(converted, name, replacement)
+    node.args = (float_input,)
+    for user in list(node.users):
+        if user.op == "call_method" and user.target == "dequantize":
+            user.replace_all_uses_with(node)
+            graph.erase_node(user)
+        else:  # a consumer that takes int8: requantize for it
+            with graph.inserting_after(node):
+                requantized = graph.call_function(torch.quantize_per_tensor,
+                                                  (node, output_scale, output_zero_point, torch.quint8))
+            user.replace_input_with(node, requantized)
+    if quantize is not None and not quantize.users:
+        graph.erase_node(quantize)
 
 
 def default_backend() -> LoweringBackend:
@@ -277,6 +352,11 @@ _INTEGER_MODULES = {
 def _module_kernel(module: nn.Module) -> str:
     if isinstance(module, Int4WeightOnlyLinear):
         return "int4 weight-only, BF16 activations"
+    if isinstance(module, Int8PatchConv):
+        module = module.linear
+    if isinstance(module, Int8Linear):
+        granularity = "per-channel" if module.per_channel_input else "per-tensor"
+        return f"int8 (x86 oneDNN), {granularity} input, FP32 output"
     kind = _INTEGER_MODULES.get(type(module).__name__, {}).get(type(module).__module__)
     if kind:
         return kind
