@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--bits-plot-budget", default="W3.5 avg",
                         help="budget label whose LampQ and fisher-ilp allocations are plotted per layer")
     parser.add_argument("--no-timing", action="store_true", help="skip the cold LampQ / HAWQ-v2 timing")
+    parser.add_argument("--batch-size", type=int, default=64, help="calibration batch size (detection: at most 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -84,6 +85,7 @@ def main() -> None:
                        calib=args.calib, synthetic_steps=args.synthetic_steps, progress=False)
     task, calibration_facts = load_benchmark_task(config)
     session = LampQSession(task.model, task.calibration, seed=args.seed, progress=False,
+                           batch_size=task.batch_size(args.batch_size),
                            **({"loss_fn": task.loss_fn} if task.loss_fn is not None else {}))
     session.calibrate()
     started = time.perf_counter()
@@ -153,7 +155,7 @@ def load_benchmark_task(config: RunConfig) -> tuple[LoadedTask, dict]:
         from lampq_fx.zeroshot import SyntheticConfig, replace_calibration
         synthetic = SyntheticConfig(steps=config.synthetic_steps, lr=config.synthetic_lr, seed=config.seed)
         task.calibration, facts = replace_calibration(task.model, task.calibration, config.calib, synthetic,
-                                                      progress=False)
+                                                      progress=False, pseudo_targets=task.pseudo_targets)
         facts = {k: v for k, v in facts.items() if k != "history"}
         task.description += f"; calibration replaced by {len(task.calibration.images)} {config.calib} images"
     return task, facts

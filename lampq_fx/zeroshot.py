@@ -17,7 +17,9 @@ normalized input space) and are optimized with Adam to minimize
   is a small smoothness prior.
 
 The images are labelled with the model's own predictions when they are used for
-calibration. Results are cached per model weights, settings and seed under the user
+calibration. A detector has no class logits, so its cross-entropy term is dropped: the
+entropy and smoothness terms shape the images alone, and its own confident detections
+(``pseudo_targets``) become the boxes its loss is scored against. Results are cached per model weights, settings and seed under the user
 cache directory, so a second run reuses them.
 """
 
@@ -195,16 +197,19 @@ def synthetic_images(model: nn.Module, input_shape: tuple[int, int, int], config
 
 
 def replace_calibration(model: nn.Module, calibration, mode: str, config: SyntheticConfig, *,
-                        progress: bool = True) -> tuple[object, dict]:
-    """Calibration images from ``mode`` ('synthetic' or 'noise'), labelled by the model's predictions.
+                        progress: bool = True, pseudo_targets=None) -> tuple[object, dict]:
+    """Calibration images from ``mode`` ('synthetic' or 'noise'), labelled by the model itself.
 
-    ``calibration`` supplies the input shape and the image count. Returns the new
+    ``calibration`` supplies the input shape and the image count. Classifiers are
+    labelled with their top-1 prediction. Any other model needs ``pseudo_targets``:
+    a function from a batch of images to the targets its loss takes (for the BCCD
+    detector, its detections above a score threshold). Returns the new
     ``CalibrationSet`` and facts about the generation (time, cache use).
     """
     from lampq_fx.session import CalibrationSet
-    if not isinstance(calibration.labels, torch.Tensor):
-        raise ValueError(f"--calib {mode} supports classification models only: a detector would need "
-                         "synthetic box targets")
+    if not isinstance(calibration.labels, torch.Tensor) and pseudo_targets is None:
+        raise ValueError(f"--calib {mode} needs targets for this model's loss; pass pseudo_targets (a function "
+                         "from images to targets): classifiers get their own top-1 predictions")
     shape = tuple(calibration.images.shape[1:])
     count = len(calibration.images)
     config = SyntheticConfig(**{**asdict(config), "images": count})
@@ -217,6 +222,9 @@ def replace_calibration(model: nn.Module, calibration, mode: str, config: Synthe
         raise ValueError(f"unknown calibration source {mode!r}; use data, synthetic or noise")
     model.eval()
     with torch.no_grad():
-        labels = torch.cat([model(images[i:i + 64]).argmax(-1) for i in range(0, count, 64)])
+        if pseudo_targets is not None:
+            labels = [target for i in range(0, count, 8) for target in pseudo_targets(images[i:i + 8])]
+        else:
+            labels = torch.cat([model(images[i:i + 64]).argmax(-1) for i in range(0, count, 64)])
     facts.update(mode=mode, images=count)
     return CalibrationSet(images, labels), facts

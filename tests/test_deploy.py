@@ -19,7 +19,13 @@ from lampq_fx.deploy import (
     plan_lowering,
     save_lowered,
 )
-from lampq_fx.deploy.kernels import Int8Linear, Int8PatchConv, int4_kernel_available
+from lampq_fx.deploy.kernels import (
+    Int8Linear,
+    Int8PatchConv,
+    dense_unpack_supported,
+    int4_kernel_available,
+    unpack_int4_codes,
+)
 from lampq_fx.deploy.lowering import FLOAT, INT4_WEIGHT_ONLY, INT8_STATIC, op_table
 from lampq_fx.quantize.quantizers import quantize_weight_per_channel
 from lampq_fx.session import CalibrationSet, LampQSession
@@ -51,6 +57,27 @@ def test_int4_kernel_matches_dequantized_matmul(rows, group, dtype):
     # FP32: summation order only. BF16: the output is rounded to 8 significant bits.
     bound = (x.float().abs() @ weight.abs().T) * (2 ** -7 if dtype == torch.bfloat16 else 1e-5)
     assert torch.all((result - reference).abs() <= bound + 1e-6)
+
+
+def test_int4_dense_path_unpacks_torch_layout():
+    generator = torch.Generator().manual_seed(5)
+    for out_features in (64, 192):
+        codes = torch.randint(0, 16, (out_features, 96), generator=generator, dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        assert torch.equal(unpack_int4_codes(packed, out_features, 96).to(torch.int32), codes)
+    assert dense_unpack_supported()
+    weight = torch.randn(128, 256, generator=generator)
+    module = Int4WeightOnlyLinear.from_float(weight, torch.randn(128, generator=generator), group_size=64)
+    assert torch.equal(module.unpacked_weight().float(), module.dequantized_weight())
+    x = torch.randn(40, 256, generator=generator)
+    assert module.uses_dense_path(40) and not module.uses_dense_path(15)
+    dense = module(x)
+    module.dense_min_rows = None  # the int4 kernel at every row count
+    kernel = module(x)
+    bound = (x.abs() @ module.dequantized_weight().abs().T) * 2 ** -7 + 1e-5  # BF16 activations and output
+    assert torch.all((dense - kernel).abs() <= bound)
+    narrow = Int4WeightOnlyLinear.from_float(torch.randn(48, 64, generator=generator), None, group_size=32)
+    assert not narrow.uses_dense_path(1000)  # 48 outputs: not torch's 64-channel blocks
 
 
 def test_int4_codes_reproduce_simulated_weight():
@@ -137,8 +164,8 @@ def test_each_lowered_layer_matches_its_simulation(wide_session):
             else:
                 reference = F.linear((codes - zero_point) * scale, weight, source.bias)
             if module.per_channel_input:  # the channel scales were folded into a requantized weight
-                folded_error = (module.dequantized_weight() - weight * scale).abs()
-                assert float(folded_error.max()) <= 0.5 * float(module.weight_scale.max()) + 1e-7, plan.name
+                folded_error = (module.dequantized_weight() - weight * scale).abs()  # two int8 terms
+                assert float(folded_error.max()) <= 0.5 * float(module.residual_scale.max()) + 1e-9, plan.name
                 bound = (codes - zero_point).abs() @ folded_error.T + 1e-4
             else:
                 assert torch.equal(module.dequantized_weight(), weight), plan.name
@@ -200,6 +227,10 @@ def test_save_load_and_bad_files(wide_session, tmp_path):
     torch.save(payload, tmp_path / "newer.pt")
     with pytest.raises(LoweredFileError, match="format version 99, newer"):
         load_lowered(fresh, tmp_path / "newer.pt", example)
+    payload["version"] = 1
+    torch.save(payload, tmp_path / "older.pt")
+    with pytest.raises(LoweredFileError, match="format version 1, written by an older lampq_fx"):
+        load_lowered(fresh, tmp_path / "older.pt", example)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(LoweredFileError, match="not a lampq_fx lowered model"):
         load_lowered(fresh, tmp_path / "other.pt", example)
@@ -272,7 +303,10 @@ def test_int8_weight_bytes_count_each_weight_once(wide_session):
     expected = 0
     for name, module in wide_session.traced.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):  # int8 codes, FP32 channel scales and bias
-            expected += module.weight.numel() + 4 * module.weight.shape[0] + 4 * module.bias.numel()
+            lowered_module = lowered.module.get_submodule(name)
+            # A layer after a LayerNorm (per-channel input) stores its folded weight as two int8 terms.
+            terms = 2 if isinstance(lowered_module, Int8Linear) and lowered_module.per_channel_input else 1
+            expected += terms * (module.weight.numel() + 4 * module.weight.shape[0]) + 4 * module.bias.numel()
         elif isinstance(module, torch.nn.LayerNorm):
             expected += 4 * (module.weight.numel() + module.bias.numel())
     model = wide_session.traced

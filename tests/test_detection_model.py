@@ -110,3 +110,34 @@ def test_detection_task_errors(tmp_path, caplog):
     assert "--task detection needs --data" in caplog.text
     assert main(["quantize", "--task", "detection", "--data", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "is not a Pascal VOC folder" in caplog.text
+
+
+def test_synthetic_calibration_for_a_detector(tmp_path):
+    from lampq_fx.zeroshot import SyntheticConfig, replace_calibration
+    model = _detector()
+    calibration = CalibrationSet(torch.zeros(4, 3, *SIZE), _targets(4))
+    config = SyntheticConfig(steps=3, batch_size=4, pairs=32, seed=2)
+    with pytest.raises(ValueError, match="needs targets for this model's loss"):
+        replace_calibration(model, calibration, "synthetic", config, progress=False)
+
+    def pseudo_targets(images):  # every detection, so the tiny untrained detector yields boxes
+        return [{"boxes": d["boxes"], "labels": d["labels"]} for d in model.decode(model(images))]
+
+    import lampq_fx.zeroshot as zeroshot
+    original = zeroshot.synthetic_images
+    zeroshot.synthetic_images = lambda *a, **k: original(*a, **{**k, "cache_dir": tmp_path})
+    try:
+        synthetic, facts = replace_calibration(model, calibration, "synthetic", config, progress=False,
+                                               pseudo_targets=pseudo_targets)
+    finally:
+        zeroshot.synthetic_images = original
+    assert facts["mode"] == "synthetic" and facts["images"] == 4
+    assert synthetic.images.shape == calibration.images.shape
+    assert not torch.equal(synthetic.images, calibration.images)
+    assert len(synthetic.labels) == 4 and all(t["boxes"].shape[-1] == 4 for t in synthetic.labels)
+    # The detector's own loss scores the synthetic set: the Fisher is finite and not all zero.
+    session = LampQSession(model, synthetic, loss_fn=detection_loss(model), batch_size=2, progress=False)
+    session.calibrate()
+    traces = session.fisher()
+    values = torch.tensor([trace.weight for trace in traces.values()])
+    assert torch.isfinite(values).all() and values.sum() > 0

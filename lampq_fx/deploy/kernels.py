@@ -210,6 +210,12 @@ class Int8Linear(nn.Module):
     (the same identity RepQ-ViT uses to fold LayerNorm ranges). The GEMM then takes q
     with scale 1 and zero point 0, and the last sum goes into the bias. Per-tensor
     inputs keep the simulated weight codes unchanged.
+
+    Folding a wide spread of channel scales into one int8 row would round the columns
+    of small-range channels coarsely, so W' is stored as two int8 terms, W' ≈ W_hi + W_lo
+    with W_lo the per-row quantized remainder, and the layer runs two GEMMs on the same
+    input codes. The folded weight is then exact to about 2^-16 of each row's range, at
+    twice the int8 weight bytes for these layers only.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -222,7 +228,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features))
         self.register_buffer("input_scale", torch.ones(1))
         self.register_buffer("input_zero_point", torch.zeros(1, dtype=torch.long))
-        self._packed: torch.Tensor | None = None
+        # The second int8 term of a folded per-channel weight (empty for per-tensor inputs).
+        self.register_buffer("residual_codes", torch.zeros(0, in_features, dtype=torch.int8))
+        self.register_buffer("residual_scale", torch.ones(0))
+        self._packed: list[torch.Tensor] | None = None
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
@@ -238,10 +247,13 @@ class Int8Linear(nn.Module):
         if scale.numel() > 1:  # fold the channel scales into the weight, the zero points into the bias
             weight = weight * scale[None, :]
         dequantized, weight_scale = quantize_weight_per_channel(weight, 8)
-        if scale.numel() > 1:
-            bias = bias - dequantized @ zero_point
         module.weight_codes = torch.round(dequantized / weight_scale[:, None]).to(torch.int8)
         module.weight_scale = weight_scale.float()
+        if scale.numel() > 1:
+            remainder, remainder_scale = quantize_weight_per_channel(weight - dequantized, 8)
+            module.residual_codes = torch.round(remainder / remainder_scale[:, None]).to(torch.int8)
+            module.residual_scale = remainder_scale.float()
+            bias = bias - module.dequantized_weight() @ zero_point
         module.bias = bias
         module.input_scale, module.input_zero_point = scale, zero_point.long()
         return module
@@ -260,26 +272,36 @@ class Int8Linear(nn.Module):
                                                   torch.quint8)
         return quantized.int_repr()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            self._packed = torch.ops.onednn.qlinear_prepack(self.weight_codes, None)
-        shape = x.shape
-        codes = self.quantize_input(x.reshape(-1, self.in_features).float().contiguous())
+    def _gemm(self, codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
         if self.per_channel_input:
             x_scale, x_zero_point = 1.0, 0
         else:
             x_scale, x_zero_point = float(self.input_scale), int(self.input_zero_point)
-        out = torch.ops.onednn.qlinear_pointwise(
-            codes, x_scale, x_zero_point, self._packed, self.weight_scale,
-            torch.zeros(self.out_features, dtype=torch.long), self.bias, 1.0, 0, torch.float32, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise(
+            codes, x_scale, x_zero_point, packed, weight_scale, torch.zeros(self.out_features, dtype=torch.long),
+            bias, 1.0, 0, torch.float32, "none", [], "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = [torch.ops.onednn.qlinear_prepack(codes, None)
+                            for codes in (self.weight_codes, self.residual_codes) if len(codes)]
+        shape = x.shape
+        codes = self.quantize_input(x.reshape(-1, self.in_features).float().contiguous())
+        out = self._gemm(codes, self._packed[0], self.weight_scale, self.bias)
+        if len(self._packed) > 1:
+            out = out + self._gemm(codes, self._packed[1], self.residual_scale, None)
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The FP32 weight the GEMM computes with, per input code (channel scales folded in)."""
-        return self.weight_codes.float() * self.weight_scale[:, None]
+        """The FP32 weight the GEMMs compute with, per input code (channel scales folded in)."""
+        weight = self.weight_codes.float() * self.weight_scale[:, None]
+        if len(self.residual_codes):
+            weight = weight + self.residual_codes.float() * self.residual_scale[:, None]
+        return weight
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("input_scale", "input_zero_point"):  # per-tensor or per-channel: take the saved shape
+        for name in ("input_scale", "input_zero_point", "residual_codes", "residual_scale"):  # take saved shapes
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         self._packed = None
@@ -290,7 +312,8 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, input {granularity} uint8"
 
     def weight_bytes(self) -> int:
-        return self.weight_codes.numel() + self.weight_scale.numel() * 4
+        return self.weight_codes.numel() + self.residual_codes.numel() + \
+            (self.weight_scale.numel() + self.residual_scale.numel()) * 4
 
 
 class Int8PatchConv(nn.Module):

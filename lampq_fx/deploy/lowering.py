@@ -3,25 +3,26 @@
 Kernel map, per layer of the allocation:
 
 * 8-bit weights (and any width from 5 to 7, promoted to 8): ``torch.ao`` FX static
-  int8 on the x86 backend. The input is quantized per tensor by a histogram observer
-  on the calibration images, the weight keeps the simulated quantizer's per-channel
-  symmetric codes and scales, and the output is requantized to int8 and dequantized
-  where a float op follows. ``mode="dynamic"`` uses dynamic int8 linear layers instead
-  (activation scales computed per batch; convolutions then stay float).
-* 4-bit weights (2 and 3 promoted to 4): ``Int4WeightOnlyLinear`` on
-  ``aten._weight_int4pack_mm_for_cpu`` with BF16 activations. Convolutions and layers
-  whose input width is not a multiple of 32 have no int4 kernel and go to int8.
+  int8 on the x86 backend (``QConfigMapping.set_module_name`` per layer, prepare_fx,
+  calibration, convert_fx). After conversion, each int8 Linear becomes an
+  ``Int8Linear`` and a patch-embedding convolution an ``Int8PatchConv``: oneDNN's
+  int8 GEMM (``onednn.qlinear_pointwise``) with the simulated quantizer's input range
+  (per channel after a LayerNorm, folded into the weight as RepQ-ViT does) and an FP32
+  output, so nothing is requantized that the simulation keeps in float. The weights
+  keep the simulated per-channel codes. Other convolutions keep the torch.ao module.
+  ``mode="dynamic"`` uses dynamic int8 linear layers instead (activation scales
+  computed per batch; convolutions then stay float).
+* 4-bit weights (2 and 3 promoted to 4): ``Int4WeightOnlyLinear``, packed for
+  ``aten._weight_int4pack_mm_for_cpu``, with BF16 activations; from 16 rows up it
+  unpacks the codes and runs one dense BF16 matmul, which is faster on CPUs without
+  AMX. Convolutions and layers whose input width is not a multiple of 32 have no int4
+  kernel and go to int8.
 * Activation-by-activation matmuls (q·kᵀ, attn·v), LayerNorm, GELU and softmax stay
   float32: the x86 backend has no integer kernel for them.
 
 Every change of bit-width is a ``LayerPlan`` with a reason, logged as one warning and
 listed in the report. ``simulated_bits`` gives the allocation after promotion, which
 is what the lowered model must agree with.
-
-NOTE: the simulation quantizes LayerNorm outputs per channel, the int8 kernel per
-tensor (and it also requantizes each int8 layer's output). On a model near the edge of
-its accuracy this moves predictions: a ViT-S at 4 average bits agreed with its
-simulation on 96.2% of 500 images, the Fashion-MNIST ViT on 99.55% of 10,000.
 
 The lowering sits behind ``LoweringBackend``: ``TorchAOFXBackend`` is the only
 implementation today, and a torchao pt2e backend can replace it without touching
