@@ -146,7 +146,7 @@ def main() -> None:
 
 
 def load_benchmark_task(config: RunConfig) -> tuple[LoadedTask, dict]:
-    """The task with its test images decoded once and its calibration set from ``config.calib``."""
+    """Load the task, decode its test images once and take its calibration set from ``config.calib``."""
     task = load_task(config)
     if task.evaluation is not None:
         task.evaluation = list(task.evaluation)
@@ -235,6 +235,8 @@ def plot_top1(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+
+    # left: score against average weight bits; right: bars at the mixed budgets
     mixed = [b for b in dict.fromkeys(r["budget"] for r in record["rows"]) if not b.endswith("avg")]
     for index, name in enumerate(record["strategies"]):
         points = sorted((r["metrics"]["avg_weight_bits"], 100 * r["score"]) for r in record["rows"]
@@ -246,6 +248,7 @@ def plot_top1(record: dict, path: Path) -> None:
         width = 0.8 / len(record["strategies"])
         right.bar([i + (index - len(record["strategies"]) / 2 + 0.5) * width for i in range(len(mixed))],
                   values, width, label=name)
+
     for axis in (left, right):
         axis.axhline(100 * record["fp32"]["score"], color="gray", linestyle="--", label="FP32")
         axis.grid(alpha=0.3)

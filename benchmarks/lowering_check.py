@@ -6,7 +6,7 @@ simulation of the promoted allocation on the same test images. A round trip thro
 ``save_lowered`` / ``load_lowered`` is checked on the same images.
 
     python benchmarks/lowering_check.py --model reference \\
-        --allocations benchmarks/results/reference_allocators.json --budget "W4 avg"
+        --allocations benchmarks/results/reference_ablation.json --budget "W3.5 avg"
     python benchmarks/lowering_check.py --model vits-cifar10 --data ../shared/data/cifar10 \\
         --eval-images 500 --allocations benchmarks/results/vits_cifar10_allocators.json --budget "W4 avg"
 """
@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--allocations", type=Path, required=True, help="JSON file from benchmarks/allocators.py")
     parser.add_argument("--budget", default="W4 avg")
     parser.add_argument("--strategy", default="lampq")
+    parser.add_argument("--int4-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="dtype of the int4 layers' matmul (float32: exactly the simulated product)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -65,7 +67,7 @@ def main() -> None:
     session = LampQSession(task.model, task.calibration, progress=False)
     session.calibrate()
     started = time.perf_counter()
-    lowered = lower_session(session, bits)
+    lowered = lower_session(session, bits, int4_dtype=getattr(torch, args.int4_dtype))
     lowering_s = time.perf_counter() - started
     test = list(task.evaluation)
     result = compare_with_simulation(session, lowered, test)
@@ -75,6 +77,7 @@ def main() -> None:
         with torch.no_grad():
             identical = all(torch.equal(reloaded(images), lowered(images)) for images, _ in test[:2])
     result.update({"model": args.model, "budget": args.budget, "strategy": args.strategy, "lowering_s": lowering_s,
+                   "int4_dtype": args.int4_dtype,
                    "reload_identical": identical, "promoted_layers": sum(p.promoted for p in lowered.plans),
                    "plan_table": plan_table(lowered.plans)})
     logger.info("%s %s %s: agreement %.2f%%, max |Δlogit| %.4f, mean %.5f, simulated top-1 %.2f%%, lowered "
@@ -82,7 +85,8 @@ def main() -> None:
                 result["max_abs_diff"], result["mean_abs_diff"], 100 * result["simulated_top1"],
                 100 * result["lowered_top1"], identical)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"lowering_{args.model.replace('-', '_')}.json"
+    suffix = "" if args.int4_dtype == "bfloat16" else "_int4_fp32"
+    name = f"lowering_{args.model.replace('-', '_')}{suffix}.json"
     (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -168,6 +168,8 @@ def _add_bench_parser(commands) -> None:
         "bench", help="CPU latency, throughput, memory and weight bytes of FP32, BF16, int8, int4 and LampQ",
         description="Lower the model to CPU kernels (uniform int8, uniform int4 weight-only and the "
                     "allocation from --allocation), then time every variant against FP32 and BF16 eager.")
+
+    # the model and its calibration images, as in lampq quantize
     bench.add_argument("--model", default=REFERENCE_MODEL, metavar="NAME",
                        help=f"timm model name, '{REFERENCE_MODEL}' (default) or '{VITS_CIFAR_MODEL}'")
     bench.add_argument("--checkpoint", type=Path, metavar="FILE", help="state-dict file with the model's weights")
@@ -176,9 +178,11 @@ def _add_bench_parser(commands) -> None:
                        help="ImageFolder with train/ for int8 calibration (default: Gaussian noise)")
     bench.add_argument("--num-classes", type=_positive_int, metavar="N")
     bench.add_argument("--img-size", type=_positive_int, metavar="PIXELS")
+
+    # what to time and how
     bench.add_argument("--allocation", type=Path, metavar="FILE",
-                       help="allocation.json from lampq quantize (the lampq variant); without it the "
-                            "lampq variant is skipped")
+                       help="allocation.json from lampq quantize (the lampq and lampq-bf16 variants); "
+                            "without it they are skipped")
     bench.add_argument("--variants", default=",".join(VARIANTS), metavar="LIST",
                        help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
     bench.add_argument("--batch-sizes", type=_int_list, default=(1, 32), metavar="LIST",
@@ -193,6 +197,8 @@ def _add_bench_parser(commands) -> None:
     bench.add_argument("--calib-images", type=_positive_int, default=64, metavar="N",
                        help="images that calibrate static int8 (default 64)")
     bench.add_argument("--seed", type=int, default=0, metavar="N")
+
+    # output
     bench.add_argument("--out", type=Path, default=Path("lampq-bench"), metavar="DIR",
                        help="output directory for bench.md, bench.json, bench.png (default ./lampq-bench)")
     bench.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -218,8 +224,8 @@ def _bench(args) -> int:
     if unknown:
         logger.error("unknown variants %s; choose from %s", unknown, ", ".join(VARIANTS))
         return 2
-    if variants == ("lampq",) and args.allocation is None:
-        logger.error("the lampq variant needs --allocation FILE (allocation.json from lampq quantize)")
+    if all(v.startswith("lampq") for v in variants) and args.allocation is None:
+        logger.error("the lampq variants need --allocation FILE (allocation.json from lampq quantize)")
         return 2
     config = RunConfig(model=args.model, checkpoint=args.checkpoint, onnx=args.onnx, data=args.data,
                        num_classes=args.num_classes, img_size=args.img_size, calib_images=args.calib_images,

@@ -333,7 +333,7 @@ def _load_detection_task(config: RunConfig) -> LoadedTask:
         return {"score": result["AP"], **result}
 
     def pseudo_targets(images: torch.Tensor) -> list[dict]:
-        """The detector's own detections with score ≥ 0.3 as box targets."""
+        """Return the detector's own detections with score ≥ 0.3 as box targets."""
         targets = []
         for detection in model.decode(model(images)):
             keep = detection["scores"] >= PSEUDO_TARGET_SCORE

@@ -314,3 +314,49 @@ def test_int8_weight_bytes_count_each_weight_once(wide_session):
     # A torch.ao module's input scale is a float buffer of the graph; Int8Linear counts its own.
     scalars = sum(t.numel() * t.element_size() for n, t in lowered.module.named_buffers() if "_input_scale_" in n)
     assert lowered.weight_bytes() == expected + scalars
+
+
+def test_bf16_float_parts(wide_session, tmp_path):
+    bits = _mixed_bits(wide_session)
+    lowered = lower_session(wide_session, bits, float_dtype=torch.bfloat16)
+    module = lowered.module
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.weight.dtype == torch.bfloat16 for m in norms)
+    int8 = [m for m in module.modules() if isinstance(m, Int8Linear)]
+    assert int8 and all(m.weight_scale.dtype == torch.float32 and m.bias.dtype == torch.float32 for m in int8)
+    images = wide_session.calibration.images
+    with torch.no_grad():
+        output = module(images)
+        reference = lower_session(wide_session, bits).module(images)
+    assert output.dtype == torch.float32
+    # BF16 keeps 8 significant bits: logits move by a few percent of their spread, not more.
+    assert float((output - reference).abs().max()) <= 0.05 * float(reference.abs().max())
+    result = compare_with_simulation(wide_session, lowered, [(images, wide_session.calibration.labels)])
+    assert result["top1_agreement"] >= 0.9
+    save_lowered(tmp_path / "bf16", lowered)
+    again = load_lowered(TinyViT(dim=32, heads=2).eval(), tmp_path / "bf16", images[:1])
+    assert again.float_dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(again(images), output)
+    with pytest.raises(ValueError, match="float_dtype must be"):
+        lower_session(wide_session, bits, float_dtype=torch.float16)
+
+
+def test_int4_fp32_dense_path_is_the_simulated_product(wide_session):
+    generator = torch.Generator().manual_seed(9)
+    for out_features in (64, 48):  # torch's 64-channel blocks, and codes recovered through the kernel
+        weight = torch.randn(out_features, 128, generator=generator)
+        dequantized, scale = quantize_weight_per_channel(weight, 4)
+        codes = torch.round(dequantized / scale[:, None]).to(torch.int32)
+        bias = torch.randn(out_features, generator=generator)
+        module = Int4WeightOnlyLinear.from_codes(codes, scale, bias, group_size=32)
+        module.dense_dtype = torch.float32
+        x = torch.randn(5, 128, generator=generator)
+        assert torch.allclose(module(x), F.linear(x, dequantized, bias), rtol=1e-5, atol=1e-5)
+    lowered = lower_session(wide_session, _mixed_bits(wide_session), int4_dtype=torch.float32)
+    images = wide_session.calibration.images
+    result = compare_with_simulation(wide_session, lowered, [(images, wide_session.calibration.labels)])
+    exact = compare_with_simulation(wide_session, lower_session(wide_session, _mixed_bits(wide_session)),
+                                    [(images, wide_session.calibration.labels)])
+    assert result["mean_abs_diff"] < exact["mean_abs_diff"]  # no BF16 rounding left in the int4 layers
+    assert result["max_abs_diff"] < 1e-3

@@ -37,7 +37,8 @@ from lampq_fx.io import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "bf16", "int8", "int4", "lampq")
+VARIANTS = ("fp32", "bf16", "int8", "int4", "lampq", "lampq-bf16")
+# lampq-bf16: the LampQ allocation with the ops that stay float run in BF16 instead of FP32
 
 
 @dataclass
@@ -125,8 +126,8 @@ def run_bench(model_factory: Callable[[], nn.Module], session_factory: Callable[
     """
     from lampq_fx.report import read_allocation
     torch.set_num_threads(config.threads)
-    variants = [v for v in config.variants if v != "lampq" or allocation_path is not None]
-    if "lampq" in config.variants and allocation_path is None:
+    variants = [v for v in config.variants if not v.startswith("lampq") or allocation_path is not None]
+    if any(v.startswith("lampq") for v in config.variants) and allocation_path is None:
         logger.warning("no --allocation: the lampq variant is skipped")
     record = {"task": description, "threads": config.threads, "mode": config.mode, "runs": config.runs,
               "warmup": config.warmup, "batch_sizes": list(config.batch_sizes), "torch": torch.__version__,
@@ -141,7 +142,7 @@ def run_bench(model_factory: Callable[[], nn.Module], session_factory: Callable[
         }
         if allocation_path is not None:
             allocation = read_allocation(allocation_path, layers)
-            lowered_bits["lampq"] = allocation.bits()
+            lowered_bits["lampq"] = lowered_bits["lampq-bf16"] = allocation.bits()
             record["allocation"] = {"path": str(allocation_path), "strategy": allocation.strategy,
                                     "budget": allocation.budget.label if allocation.budget else None}
         input_shape = tuple(session.calibration.images.shape[1:])
@@ -152,7 +153,8 @@ def run_bench(model_factory: Callable[[], nn.Module], session_factory: Callable[
         for name in variants:
             if name in lowered_bits:
                 lowered = lower_session(session, lowered_bits[name], mode=config.mode,
-                                        calibration_images=config.calibration_images)
+                                        calibration_images=config.calibration_images,
+                                        float_dtype=torch.bfloat16 if name.endswith("-bf16") else torch.float32)
                 saved[name] = save_lowered(Path(scratch) / name, lowered)
                 record["lowering"][name] = {"op_table": lowered.op_table(), "plan_table": plan_table(lowered.plans),
                                             "weight_bytes": lowered.weight_bytes()}
@@ -225,7 +227,8 @@ def plot_bench(record: dict, path: Path) -> None:
     for axis, batch in zip(axes[0], batches):
         names = [row["variant"] for row in record["rows"]]
         values = [row["batches"][batch]["images_per_s"] for row in record["rows"]]
-        axis.bar(names, values, color=["#888888", "#4c72b0", "#55a868", "#c44e52", "#8172b2"][:len(names)])
+        axis.bar(names, values, color=["#888888", "#4c72b0", "#55a868", "#c44e52", "#8172b2", "#937860"][:len(names)])
+        axis.tick_params(axis="x", labelsize=7)
         axis.set_title(f"batch {batch}", fontsize=9)
         axis.set_ylabel("images / s")
         axis.grid(axis="y", alpha=0.3)

@@ -111,8 +111,13 @@ class Int4WeightOnlyLinear(nn.Module):
                              f"kernel, got {out_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.compute_dtype = compute_dtype
-        # Rows at which a call unpacks the weight for one dense BF16 matmul; None: never.
+        # Rows at which a call unpacks the weight for one dense matmul; None: never.
         self.dense_min_rows: int | None = DENSE_MIN_ROWS
+        # dtype of the dense matmul: BF16 (fast) or FP32 (exactly the simulated product, FP32 speed)
+        self.dense_dtype = compute_dtype
+        # FP32 scale per output channel when built from per-channel codes (the dense path uses it)
+        self.register_buffer("channel_scale", torch.zeros(0))
+        self._fp32_weight: torch.Tensor | None = None
         self.register_buffer("packed_weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros",
                              torch.zeros(in_features // group_size, out_features, 2, dtype=compute_dtype))
@@ -130,6 +135,7 @@ class Int4WeightOnlyLinear(nn.Module):
         groups = in_features // group_size
         scales = scale.reshape(1, out_features).expand(groups, out_features)
         module._pack(codes.to(torch.int32) + 8, scales, torch.zeros_like(scales), bias)
+        module.channel_scale = scale.detach().float().clone()
         return module
 
     @classmethod
@@ -159,24 +165,54 @@ class Int4WeightOnlyLinear(nn.Module):
                                                              self.scales_and_zeros)
         return columns.float().T.contiguous()
 
+    def codes(self) -> torch.Tensor:
+        """Return the stored 4-bit codes q ∈ 0..15 [N, K] as float.
+
+        Read from torch's packed layout where it is known (N a multiple of 64), else
+        recovered from the kernel's product with the identity, q = round(W / scale) + 8
+        per group (exact: the kernel's rounding error is below half a step).
+        """
+        if self.out_features % PACK_BLOCK_N == 0 and dense_unpack_supported():
+            return unpack_int4_codes(self.packed_weight, self.out_features, self.in_features).float()
+        scales, zeros = self.scales_and_zeros.float().unbind(-1)
+        grouped = self.dequantized_weight().reshape(self.out_features, -1, self.group_size)
+        return (torch.round((grouped - zeros.T[:, :, None]) / scales.T[:, :, None]) + 8).reshape(
+            self.out_features, self.in_features)
+
     def unpacked_weight(self) -> torch.Tensor:
-        """Return the weight [N, K] in ``compute_dtype``, computed in FP32 from the codes and rounded once."""
-        codes = unpack_int4_codes(self.packed_weight, self.out_features, self.in_features).float() - 8
-        scales, zeros = self.scales_and_zeros.float().unbind(-1)  # [K / G, N] each
-        grouped = codes.reshape(self.out_features, -1, self.group_size)
-        weight = grouped * scales.T[:, :, None] + zeros.T[:, :, None]
-        return weight.reshape(self.out_features, self.in_features).to(self.compute_dtype)
+        """Return the weight [N, K] in ``dense_dtype``, computed in FP32 from the codes and rounded once.
+
+        Per-channel codes use the FP32 channel scales, so in FP32 the weight is exactly
+        the simulated one; group-wise weights use the stored BF16 scales and zeros.
+        """
+        if self.dense_dtype == torch.float32 and self._fp32_weight is not None:
+            return self._fp32_weight
+        codes = self.codes() - 8
+        if self.channel_scale.numel():
+            weight = codes * self.channel_scale[:, None]
+        else:
+            scales, zeros = self.scales_and_zeros.float().unbind(-1)  # [K / G, N] each
+            grouped = codes.reshape(self.out_features, -1, self.group_size)
+            weight = (grouped * scales.T[:, :, None] + zeros.T[:, :, None]).reshape(self.out_features, -1)
+        if self.dense_dtype == torch.float32 and not (self.out_features % PACK_BLOCK_N == 0 and
+                                                      dense_unpack_supported()):
+            self._fp32_weight = weight  # recovering the codes is slow: keep this weight (FP32 mode only)
+        return weight.to(self.dense_dtype)
 
     def uses_dense_path(self, rows: int) -> bool:
-        return self.dense_min_rows is not None and rows >= self.dense_min_rows and \
-            self.out_features % PACK_BLOCK_N == 0 and dense_unpack_supported()
+        if self.dense_dtype == torch.float32:  # the kernel has no FP32 fast path: always dense
+            return True
+        if self.out_features % PACK_BLOCK_N or not dense_unpack_supported():
+            return False
+        return self.dense_min_rows is not None and rows >= self.dense_min_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.uses_dense_path(flat.shape[0]):
-            out = F.linear(flat, self.unpacked_weight())
+        rows = x.reshape(-1, self.in_features)
+        if self.uses_dense_path(rows.shape[0]):
+            out = F.linear(rows.to(self.dense_dtype), self.unpacked_weight())
         else:
+            flat = rows.to(self.compute_dtype)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed_weight, self.group_size,
                                                              self.scales_and_zeros)
         out = out.to(x.dtype)
@@ -186,7 +222,7 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, compute_dtype={self.compute_dtype}")
+                f"group_size={self.group_size}, compute_dtype={self.compute_dtype}, dense_dtype={self.dense_dtype}")
 
     def weight_bytes(self) -> int:
         return self.packed_weight.numel() + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
@@ -201,8 +237,8 @@ class Int8Linear(nn.Module):
     """``y = x Wᵀ + b`` with int8 activations and weights on oneDNN's x86 GEMM, FP32 output.
 
     The input is quantized to uint8 with the simulated quantizer's parameters, per
-    tensor (scale s, zero point z) or per channel (s_c, z_c); the output stays FP32, so
-    no requantization follows the GEMM. A per-channel input has no per-tensor GEMM, so
+    tensor (scale s, zero point z) or per channel (s_c, z_c). The output stays FP32:
+    nothing is requantized after the GEMM. A per-channel input has no per-tensor GEMM, so
     its scales move into the weight, which is quantized again per output channel:
 
         Σ_c W[n, c] · s_c · (q_c - z_c) = Σ_c W'[n, c] · q_c - Σ_c W'[n, c] · z_c,   W' = W · diag(s)
@@ -232,6 +268,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("residual_codes", torch.zeros(0, in_features, dtype=torch.int8))
         self.register_buffer("residual_scale", torch.ones(0))
         self._packed: list[torch.Tensor] | None = None
+        self._inverse_scale: torch.Tensor | None = None
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
@@ -263,10 +300,18 @@ class Int8Linear(nn.Module):
         return self.input_scale.numel() > 1
 
     def quantize_input(self, rows: torch.Tensor) -> torch.Tensor:
-        """Return the uint8 codes of FP32 rows [M, K]."""
+        """Return the uint8 codes of FP32 rows [M, K].
+
+        Per channel, the codes are round(x_c / s_c) + z_c clamped to 0..255, which is a
+        per-tensor quantization (scale 1, zero point 0) of x_c / s_c + z_c: one fused
+        multiply-add and torch's vectorized per-tensor quantizer, instead of its slower
+        per-channel one.
+        """
         if self.per_channel_input:
-            quantized = torch.quantize_per_channel(rows, self.input_scale.double(), self.input_zero_point, 1,
-                                                   torch.quint8)
+            if self._inverse_scale is None:
+                self._inverse_scale = 1.0 / self.input_scale
+            shifted = torch.addcmul(self.input_zero_point.float(), rows, self._inverse_scale)
+            quantized = torch.quantize_per_tensor(shifted, 1.0, 0, torch.quint8)
         else:
             quantized = torch.quantize_per_tensor(rows, float(self.input_scale), int(self.input_zero_point),
                                                   torch.quint8)
@@ -294,7 +339,7 @@ class Int8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The FP32 weight the GEMMs compute with, per input code (channel scales folded in)."""
+        """Return the FP32 weight the GEMMs compute with, per input code (channel scales folded in)."""
         weight = self.weight_codes.float() * self.weight_scale[:, None]
         if len(self.residual_codes):
             weight = weight + self.residual_codes.float() * self.residual_scale[:, None]
@@ -304,7 +349,7 @@ class Int8Linear(nn.Module):
         for name in ("input_scale", "input_zero_point", "residual_codes", "residual_scale"):  # take saved shapes
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
-        self._packed = None
+        self._packed, self._inverse_scale = None, None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -28,6 +28,7 @@ from lampq_fx.deploy.lowering import (
     INT8_STATIC,
     LayerPlan,
     LoweringBackend,
+    cast_float_parts,
     default_backend,
     op_table,
     plan_lowering,
@@ -74,6 +75,8 @@ class LoweredModel:
     backend: str
     fingerprint: str
     layers: list | None = None  # layer_description of the source model, saved for error messages
+    float_dtype: torch.dtype = torch.float32  # dtype of the ops that stay float (LayerNorm, softmax, ...)
+    int4_dtype: torch.dtype = torch.bfloat16  # dtype of the int4 layers' dense matmul
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.module(images)
@@ -114,8 +117,19 @@ def lowered_weight_bytes(module: nn.Module) -> int:
 
 @torch.no_grad()
 def lower_session(session, allocation: Allocation | dict, *, mode: str = "static", calibration_images: int = 128,
-                  backend: LoweringBackend | None = None, label: str | None = None) -> LoweredModel:
-    """Lower ``allocation`` of ``session``'s model to CPU kernels, calibrating on its images."""
+                  backend: LoweringBackend | None = None, label: str | None = None,
+                  float_dtype: torch.dtype = torch.float32, int4_dtype: torch.dtype = torch.bfloat16) -> LoweredModel:
+    """Lower ``allocation`` of ``session``'s model to CPU kernels, calibrating on its images.
+
+    ``float_dtype=torch.bfloat16`` runs the ops without an integer kernel (attention
+    matmuls, softmax, LayerNorm, GELU, residual adds) in BF16, as BF16 eager does: faster
+    on CPUs with BF16 instructions, further from the FP32 simulation. ``int4_dtype``
+    is the dtype of the int4 layers' matmul: BF16 (default, fast) or FP32, which
+    computes exactly the simulated product at FP32 speed (the int4 weights stay packed).
+    """
+    for name, value in (("float_dtype", float_dtype), ("int4_dtype", int4_dtype)):
+        if value not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"{name} must be torch.float32 or torch.bfloat16, got {value}")
     bits = allocation.bits() if isinstance(allocation, Allocation) else dict(allocation)
     if label is None:
         label = f"{allocation.strategy} {allocation.budget.label}" if isinstance(allocation, Allocation) and \
@@ -128,11 +142,19 @@ def lower_session(session, allocation: Allocation | dict, *, mode: str = "static
     if static:
         session._require_calibration()  # static int8 layers take the simulation's input ranges
     params = {name: session.modules[name].input_quantizers[0].quant_params(8) for name in static}
-    module = backend.lower(session.traced, plans, batches, session.calibration.images[:1], params)
+    module = cast_float_parts(backend.lower(session.traced, plans, batches, session.calibration.images[:1], params),
+                              float_dtype)
+    set_int4_dtype(module, int4_dtype)
     logger.info("lowered %d layers with %s (%s): %s", len(plans), backend.name, mode,
                 ", ".join(f"{kernel} {count}" for kernel, count in _kernel_counts(plans).items()))
     return LoweredModel(module, plans, mode, backend.name, model_fingerprint(session.layers),
-                        layer_description(session.layers))
+                        layer_description(session.layers), float_dtype, int4_dtype)
+
+
+def set_int4_dtype(module: nn.Module, dtype: torch.dtype) -> None:
+    for sub in module.modules():
+        if isinstance(sub, Int4WeightOnlyLinear):
+            sub.dense_dtype = dtype
 
 
 def _kernel_counts(plans: Sequence[LayerPlan]) -> dict[str, int]:
@@ -171,7 +193,8 @@ def save_lowered(directory: Path | str, lowered: LoweredModel, allocation_json: 
     directory = Path(directory)
     payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "fingerprint": lowered.fingerprint,
                "mode": lowered.mode, "backend": lowered.backend, "plans": plans_to_dicts(lowered.plans),
-               "layers": lowered.layers,
+               "layers": lowered.layers, "float_dtype": str(lowered.float_dtype).removeprefix("torch."),
+               "int4_dtype": str(lowered.int4_dtype).removeprefix("torch."),
                "state_dict": lowered.module.state_dict()}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -214,6 +237,10 @@ def load_lowered(model: nn.Module, path: Path | str, example: torch.Tensor,
     if payload["backend"] != backend.name:
         raise LoweredFileError(f"{path} was lowered with {payload['backend']}, not {backend.name}")
     plans = plans_from_dicts(payload["plans"])
-    module = backend.rebuild(traced, plans, example)
+    float_dtype = getattr(torch, payload.get("float_dtype", "float32"))
+    module = cast_float_parts(backend.rebuild(traced, plans, example), float_dtype)
     module.load_state_dict(payload["state_dict"], strict=True)
-    return LoweredModel(module, plans, payload["mode"], payload["backend"], fingerprint, layer_description(layers))
+    int4_dtype = getattr(torch, payload.get("int4_dtype", "bfloat16"))
+    set_int4_dtype(module, int4_dtype)
+    return LoweredModel(module, plans, payload["mode"], payload["backend"], fingerprint, layer_description(layers),
+                        float_dtype, int4_dtype)

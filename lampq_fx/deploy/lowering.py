@@ -329,6 +329,52 @@ def _use_simulated_input(converted: fx.GraphModule, name: str, params: Activatio
         graph.erase_node(quantize)
 
 
+KERNEL_MODULES = (Int4WeightOnlyLinear, Int8Linear, Int8PatchConv)
+
+
+def cast_float_parts(model: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
+    """Run every float op of a lowered graph in ``dtype`` (BF16): what BF16 eager does, around the kernels.
+
+    Float parameters and buffers of non-kernel modules are cast, the input is cast once
+    at the start and the output back to FP32 at the end. Kernel modules keep their own
+    dtypes (int4 layers take BF16 directly, int8 layers quantize from any float), and a
+    torch.ao quantize node gets an FP32 input, its dequantize an output in ``dtype``.
+    """
+    if dtype == torch.float32:
+        return model
+    kernels = [name for name, module in model.named_modules() if isinstance(module, KERNEL_MODULES)]
+    for name, module in model.named_modules():
+        if isinstance(module, KERNEL_MODULES) or type(module).__module__.startswith("torch.ao.nn.quantized") or \
+                any(name.startswith(prefix + ".") for prefix in kernels):
+            continue
+        for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if tensor.dtype == torch.float32 and not key.endswith(("_scale_0", "_zero_point_0")):
+                converted = tensor.detach().to(dtype)
+                if isinstance(tensor, nn.Parameter):
+                    setattr(module, key, nn.Parameter(converted, requires_grad=False))
+                else:
+                    setattr(module, key, converted)
+    graph = model.graph
+    for node in list(graph.nodes):
+        if node.op == "placeholder":
+            with graph.inserting_after(node):
+                cast = graph.call_method("to", (node, dtype))
+            node.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
+        elif _is_quantize(node):
+            with graph.inserting_before(node):
+                node.update_arg(0, graph.call_method("float", (node.args[0],)))
+        elif node.op == "call_method" and node.target == "dequantize":
+            with graph.inserting_after(node):
+                cast = graph.call_method("to", (node, dtype))
+            node.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
+        elif node.op == "output":
+            with graph.inserting_before(node):
+                node.update_arg(0, fx.node.map_arg(node.args[0], lambda value: graph.call_method("float", (value,))))
+    graph.lint()
+    model.recompile()
+    return model
+
+
 def default_backend() -> LoweringBackend:
     return TorchAOFXBackend()
 
