@@ -76,6 +76,15 @@ def test_int4_dense_path_unpacks_torch_layout():
     kernel = module(x)
     bound = (x.abs() @ module.dequantized_weight().abs().T) * 2 ** -7 + 1e-5  # BF16 activations and output
     assert torch.all((dense - kernel).abs() <= bound)
+    # Per-channel codes (what lowering builds): integer codes in the matmul, FP32 scales on the outputs.
+    dequantized, scale = quantize_weight_per_channel(weight, 4)
+    codes = torch.round(dequantized / scale[:, None]).to(torch.int32)
+    bias = torch.randn(128, generator=generator)
+    per_channel = Int4WeightOnlyLinear.from_codes(codes, scale, bias, group_size=64)
+    assert per_channel.uses_dense_path(40)
+    reference = F.linear(x, dequantized, bias)
+    bound = (x.abs() @ dequantized.abs().T) * 2 ** -6 + bias.abs() * 2 ** -7 + 1e-5  # BF16 input and outputs
+    assert torch.all((per_channel(x) - reference).abs() <= bound)
     narrow = Int4WeightOnlyLinear.from_float(torch.randn(48, 64, generator=generator), None, group_size=32)
     assert not narrow.uses_dense_path(1000)  # 48 outputs: not torch's 64-channel blocks
 

@@ -332,6 +332,13 @@ def _use_simulated_input(converted: fx.GraphModule, name: str, params: Activatio
 KERNEL_MODULES = (Int4WeightOnlyLinear, Int8Linear, Int8PatchConv)
 
 
+def _float_to(value, dtype: torch.dtype):
+    """Cast a floating-point tensor to ``dtype``; anything else passes through."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
 def cast_float_parts(model: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
     """Run every float op of a lowered graph in ``dtype`` (BF16): what BF16 eager does, around the kernels.
 
@@ -356,9 +363,9 @@ def cast_float_parts(model: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModul
                     setattr(module, key, converted)
     graph = model.graph
     for node in list(graph.nodes):
-        if node.op == "placeholder":
+        if node.op == "placeholder":  # the images; other inputs (masks, flags) are often None
             with graph.inserting_after(node):
-                cast = graph.call_method("to", (node, dtype))
+                cast = graph.call_function(_float_to, (node, dtype))
             node.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
         elif _is_quantize(node):
             with graph.inserting_before(node):
