@@ -232,10 +232,10 @@ class Int4WeightOnlyLinear(nn.Module):
                 # Per-channel codes: multiply by the integer codes (exact in BF16), scale the outputs.
                 centered = unpack_int4_centered(self.packed_weight, self.out_features, self.in_features,
                                                 self.dense_dtype)
-                out = F.linear(rows.to(self.dense_dtype), centered)
-                scale = self.channel_scale.to(out.dtype)
-                out = torch.addcmul(self.bias.to(out.dtype), out, scale) if self.bias is not None else out * scale
-                return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+                out = F.linear(rows.to(self.dense_dtype), centered).to(x.dtype)  # rounded once, in BF16
+                scale = self.channel_scale.to(x.dtype)
+                out = torch.addcmul(self.bias.to(x.dtype), out, scale) if self.bias is not None else out * scale
+                return out.reshape(*shape[:-1], self.out_features)
             out = F.linear(rows.to(self.dense_dtype), self.unpacked_weight())
         else:
             flat = rows.to(self.compute_dtype)
