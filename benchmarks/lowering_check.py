@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="lampq")
     parser.add_argument("--int4-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="dtype of the int4 layers' matmul (float32: exactly the simulated product)")
+    parser.add_argument("--float-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the ops without an integer kernel (bfloat16: the lampq-bf16 bench variant)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -67,7 +69,8 @@ def main() -> None:
     session = LampQSession(task.model, task.calibration, progress=False)
     session.calibrate()
     started = time.perf_counter()
-    lowered = lower_session(session, bits, int4_dtype=getattr(torch, args.int4_dtype))
+    lowered = lower_session(session, bits, int4_dtype=getattr(torch, args.int4_dtype),
+                            float_dtype=getattr(torch, args.float_dtype))
     lowering_s = time.perf_counter() - started
     test = list(task.evaluation)
     result = compare_with_simulation(session, lowered, test)
@@ -77,7 +80,7 @@ def main() -> None:
         with torch.no_grad():
             identical = all(torch.equal(reloaded(images), lowered(images)) for images, _ in test[:2])
     result.update({"model": args.model, "budget": args.budget, "strategy": args.strategy, "lowering_s": lowering_s,
-                   "int4_dtype": args.int4_dtype,
+                   "int4_dtype": args.int4_dtype, "float_dtype": args.float_dtype,
                    "reload_identical": identical, "promoted_layers": sum(p.promoted for p in lowered.plans),
                    "plan_table": plan_table(lowered.plans)})
     logger.info("%s %s %s: agreement %.2f%%, max |Δlogit| %.4f, mean %.5f, simulated top-1 %.2f%%, lowered "
@@ -85,7 +88,8 @@ def main() -> None:
                 result["max_abs_diff"], result["mean_abs_diff"], 100 * result["simulated_top1"],
                 100 * result["lowered_top1"], identical)
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.int4_dtype == "bfloat16" else "_int4_fp32"
+    suffix = ("" if args.int4_dtype == "bfloat16" else "_int4_fp32") + \
+        ("" if args.float_dtype == "float32" else "_float_bf16")
     name = f"lowering_{args.model.replace('-', '_')}{suffix}.json"
     (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -70,7 +70,8 @@ def test_int4_dense_path_unpacks_torch_layout():
     module = Int4WeightOnlyLinear.from_float(weight, torch.randn(128, generator=generator), group_size=64)
     assert torch.equal(module.unpacked_weight().float(), module.dequantized_weight())
     x = torch.randn(40, 256, generator=generator)
-    assert module.uses_dense_path(40) and not module.uses_dense_path(15)
+    assert module.uses_dense_path(40)
+    assert not module.uses_dense_path(15)
     dense = module(x)
     module.dense_min_rows = None  # the int4 kernel at every row count
     kernel = module(x)
@@ -338,6 +339,9 @@ def test_bf16_float_parts(wide_session, tmp_path):
         output = module(images)
         reference = lower_session(wide_session, bits).module(images)
     assert output.dtype == torch.float32
+    rows = {(row["op"], row["runs_on"]): row["count"] for row in lowered.op_table()}
+    assert rows[("LayerNorm", "bfloat16")] == 5
+    assert rows[("softmax", "bfloat16")] == 2
     # BF16 keeps 8 significant bits: logits move by a few percent of their spread, not more.
     assert float((output - reference).abs().max()) <= 0.05 * float(reference.abs().max())
     result = compare_with_simulation(wide_session, lowered, [(images, wide_session.calibration.labels)])

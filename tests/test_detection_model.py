@@ -131,7 +131,8 @@ def test_synthetic_calibration_for_a_detector(tmp_path):
                                                pseudo_targets=pseudo_targets)
     finally:
         zeroshot.synthetic_images = original
-    assert facts["mode"] == "synthetic" and facts["images"] == 4
+    assert facts["mode"] == "synthetic"
+    assert facts["images"] == 4
     assert synthetic.images.shape == calibration.images.shape
     assert not torch.equal(synthetic.images, calibration.images)
     assert len(synthetic.labels) == 4 and all(t["boxes"].shape[-1] == 4 for t in synthetic.labels)
@@ -140,4 +141,5 @@ def test_synthetic_calibration_for_a_detector(tmp_path):
     session.calibrate()
     traces = session.fisher()
     values = torch.tensor([trace.weight for trace in traces.values()])
-    assert torch.isfinite(values).all() and values.sum() > 0
+    assert torch.isfinite(values).all()
+    assert values.sum() > 0

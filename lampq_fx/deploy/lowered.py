@@ -86,7 +86,7 @@ class LoweredModel:
         return simulated_bits(self.plans)
 
     def op_table(self) -> list[dict]:
-        return op_table(self.module)
+        return op_table(self.module, self.float_dtype)
 
     def weight_bytes(self) -> int:
         return lowered_weight_bytes(self.module)

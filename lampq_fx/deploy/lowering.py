@@ -419,8 +419,9 @@ def _module_kernel(module: nn.Module) -> str:
     return "float32"
 
 
-def op_table(model: nn.Module) -> list[dict]:
-    """Count every op of a lowered FX model and name the kernel it runs on."""
+def op_table(model: nn.Module, float_dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Count every op of a lowered FX model and name the kernel it runs on (``float_dtype``: float ops)."""
+    float_name = str(float_dtype).removeprefix("torch.")
     if not isinstance(model, fx.GraphModule):
         raise TypeError("op_table needs the FX GraphModule that lowering returns")
     counts: Counter = Counter()
@@ -429,7 +430,8 @@ def op_table(model: nn.Module) -> list[dict]:
             module = model.get_submodule(node.target)
             if isinstance(module, (nn.Dropout, nn.Identity)):
                 continue
-            counts[(type(module).__name__, _module_kernel(module))] += 1
+            kernel = _module_kernel(module)
+            counts[(type(module).__name__, float_name if kernel == "float32" else kernel)] += 1
         elif node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             if name in ("_assert", "getattr", "getitem", "size", "dim", "reshape", "view", "permute", "transpose",
@@ -439,8 +441,10 @@ def op_table(model: nn.Module) -> list[dict]:
                 kernel = "float32 → int8"
             elif name == "dequantize":
                 kernel = "int8 → float32"
+            elif name in ("_float_to", "float", "to"):
+                kernel = f"cast ({float_name} graph)"
             else:
-                kernel = "float32"
+                kernel = float_name
             counts[(name, kernel)] += 1
     return [{"op": op, "runs_on": kernel, "count": count}
             for (op, kernel), count in sorted(counts.items(), key=lambda item: (item[0][1], item[0][0]))]
