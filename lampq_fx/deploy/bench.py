@@ -154,7 +154,8 @@ def run_bench(model_factory: Callable[[], nn.Module], session_factory: Callable[
             if name in lowered_bits:
                 lowered = lower_session(session, lowered_bits[name], mode=config.mode,
                                         calibration_images=config.calibration_images,
-                                        float_dtype=torch.bfloat16 if name.endswith("-bf16") else torch.float32)
+                                        float_dtype=torch.bfloat16 if name.endswith("-bf16") else torch.float32,
+                                        label=f"bench variant {name}")
                 saved[name] = save_lowered(Path(scratch) / name, lowered)
                 record["lowering"][name] = {"op_table": lowered.op_table(), "plan_table": plan_table(lowered.plans),
                                             "weight_bytes": lowered.weight_bytes()}
