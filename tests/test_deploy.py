@@ -90,6 +90,13 @@ def test_int4_dense_path_unpacks_torch_layout():
     assert not narrow.uses_dense_path(1000)  # 48 outputs: not torch's 64-channel blocks
 
 
+def test_int4_weight_bytes_count_scales():
+    codes = torch.zeros(64, 128, dtype=torch.int32)
+    module = Int4WeightOnlyLinear.from_codes(codes, torch.ones(64), None, group_size=32)
+    # 4-bit codes, BF16 scale and zero per group and channel, FP32 scale per channel.
+    assert module.weight_bytes() == 64 * 128 // 2 + (128 // 32) * 64 * 2 * 2 + 64 * 4
+
+
 def test_int4_codes_reproduce_simulated_weight():
     torch.manual_seed(0)
     weight = torch.randn(32, 64)

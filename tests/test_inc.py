@@ -54,7 +54,7 @@ def test_prepare_then_convert_lowers():
     for name, choice in converted.lampq_allocation.choices.items():
         if choice.weight_bits is not None:  # every weighted layer runs on an int4 or int8 kernel
             module = converted.get_submodule(name)
-            on_kernel = type(module).__name__ in ("Int4WeightOnlyLinear", "Int8Linear") or \
+            on_kernel = type(module).__name__ in ("Int4WeightOnlyLinear", "Int8Linear", "Int8PatchConv") or \
                 type(module).__module__.startswith("torch.ao.nn.quantized")
             assert on_kernel, f"{name} is {type(module)}"
     assert converted(IMAGES[:2]).shape == (2, 5)

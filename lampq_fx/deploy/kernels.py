@@ -201,7 +201,7 @@ class Int4WeightOnlyLinear(nn.Module):
         """Return the weight [N, K] in ``dense_dtype``, computed in FP32 from the codes and rounded once.
 
         Per-channel codes use the FP32 channel scales, so in FP32 the weight is exactly
-        the simulated one; group-wise weights use the stored BF16 scales and zeros.
+        the simulated one. Group-wise weights use the stored BF16 scales and zeros.
         """
         if self.dense_dtype == torch.float32 and self._fp32_weight is not None:
             return self._fp32_weight
@@ -251,7 +251,9 @@ class Int4WeightOnlyLinear(nn.Module):
                 f"group_size={self.group_size}, compute_dtype={self.compute_dtype}, dense_dtype={self.dense_dtype}")
 
     def weight_bytes(self) -> int:
-        return self.packed_weight.numel() + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size()
+        """Count the packed codes, the BF16 group scales and zeros and the FP32 channel scales."""
+        return self.packed_weight.numel() + self.scales_and_zeros.numel() * self.scales_and_zeros.element_size() + \
+            self.channel_scale.numel() * 4
 
 
 def onednn_int8_available() -> bool:
@@ -274,9 +276,9 @@ class Int8Linear(nn.Module):
     inputs keep the simulated weight codes unchanged.
 
     Folding a wide spread of channel scales into one int8 row would round the columns
-    of small-range channels coarsely, so W' is stored as two int8 terms, W' ≈ W_hi + W_lo
-    with W_lo the per-row quantized remainder, and the layer runs two GEMMs on the same
-    input codes. The folded weight is then exact to about 2^-16 of each row's range, at
+    of small-range channels coarsely. W' is therefore stored as two int8 terms,
+    W' ≈ W_hi + W_lo, where W_lo is the per-row quantized remainder. The layer runs two
+    GEMMs on the same input codes. The folded weight is then exact to about 2^-16 of each row's range, at
     twice the int8 weight bytes for these layers only.
     """
 
@@ -328,10 +330,10 @@ class Int8Linear(nn.Module):
     def quantize_input(self, rows: torch.Tensor) -> torch.Tensor:
         """Return the uint8 codes of FP32 rows [M, K].
 
-        Per channel, the codes are round(x_c / s_c) + z_c clamped to 0..255, which is a
-        per-tensor quantization (scale 1, zero point 0) of x_c / s_c + z_c: one fused
-        multiply-add and torch's vectorized per-tensor quantizer, instead of its slower
-        per-channel one.
+        Per channel, the codes are round(x_c / s_c) + z_c clamped to 0..255. That equals a
+        per-tensor quantization (scale 1, zero point 0) of x_c / s_c + z_c, computed with
+        one fused multiply-add and torch's vectorized per-tensor quantizer instead of its
+        slower per-channel one.
         """
         if self.per_channel_input:
             if self._inverse_scale is None:
@@ -390,9 +392,9 @@ class Int8Linear(nn.Module):
 class Int8PatchConv(nn.Module):
     """A patch-embedding Conv2d (kernel = stride, no padding) as an ``Int8Linear`` on flattened patches.
 
-    Each output position sees one p×p patch, so the convolution is a matmul of the
-    patches [B·H'·W', C·p·p] with the weight [N, C·p·p]; an int8 GEMM with FP32 output
-    then computes it with the simulation's per-tensor input range.
+    Each output position reads one p×p patch, so the convolution is a matmul of the
+    patches [B·H'·W', C·p·p] with the weight [N, C·p·p]. An int8 GEMM with FP32 output
+    computes it with the simulation's per-tensor input range.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int]) -> None:
