@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 REFERENCE_MODEL = "reference"
 VITS_CIFAR_MODEL = "vits-cifar10"
 PSEUDO_TARGET_SCORE = 0.3  # detections at least this confident label synthetic detection images
-# 32 BCCD images (448×336) through the simulated detector's backward pass took 24 GB; 4 take about 3 GB.
+# 32 BCCD images (448×336) in one backward pass through the simulated detector ran out of 24 GB.
+# NOTE: 4 is an estimate (about an eighth of that memory), not a measured peak.
 DETECTION_BATCH = 4
 
 
@@ -143,8 +144,8 @@ class LoadedTask:
 
     def batch_size(self, requested: int) -> int:
         if self.max_batch_size is not None and requested > self.max_batch_size:
-            logger.info("batch size %d lowered to %d for this task: a backward pass through a larger batch needs "
-                        "more memory than a 24 GB machine has", requested, self.max_batch_size)
+            logger.info("batch size %d lowered to %d for this task: a backward pass through a larger batch can "
+                        "exceed 24 GB of memory", requested, self.max_batch_size)
             return self.max_batch_size
         return requested
 

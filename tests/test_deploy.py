@@ -362,7 +362,7 @@ def test_bf16_float_parts(wide_session, tmp_path):
         lower_session(wide_session, bits, float_dtype=torch.float16)
 
 
-def test_int4_fp32_dense_path_is_the_simulated_product(wide_session):
+def test_int4_fp32_path_matches_simulation(wide_session):
     generator = torch.Generator().manual_seed(9)
     for out_features in (64, 48):  # torch's 64-channel blocks, and codes recovered through the kernel
         weight = torch.randn(out_features, 128, generator=generator)
