@@ -37,7 +37,8 @@ import torch
 
 from lampq_fx.allocation.space import Allocation, SearchSpace
 from lampq_fx.io import write_json_atomic, write_text_atomic
-from lampq_fx.pipeline import REFERENCE_MODEL, VITS_CIFAR_MODEL, LoadedTask, RunConfig, load_task, parse_budget
+from lampq_fx.pipeline import (REFERENCE_MODEL, VITS_CIFAR_MODEL, LoadedTask, RunConfig, load_task, parse_budget,
+                              result_details)
 from lampq_fx.report import allocation_metrics, plot_bits_per_layer
 from lampq_fx.session import LampQSession
 from lampq_fx.strategies import get_strategy
@@ -94,7 +95,8 @@ def main() -> None:
                 100 * fp32["score"], time.perf_counter() - started)
 
     stem = args.model.replace("-", "_") + ("" if args.calib == "data" else f"_{args.calib}") + "_allocators"
-    record = {"model": args.model, "task": task.description, "metric": task.metric, "fp32": fp32,
+    record = {"model": args.model, "task": task.description, "metric": task.metric,
+              "fp32": {"score": fp32["score"], **result_details(fp32)},
               "test_images": test_image_count(task, args), "calibration_images": len(task.calibration.images),
               "calibration": calibration_facts, "seed": args.seed, "rounds": args.rounds,
               "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -108,6 +110,7 @@ def main() -> None:
         write_json_atomic(json_path, record)
 
     result_of: dict[tuple, dict] = {}
+    row_keys: list[tuple] = []  # the result_of key of each row
     plotted: dict[str, Allocation] = {}
     for text in args.budgets:
         spec = parse_budget(text)
@@ -124,9 +127,10 @@ def main() -> None:
             if key not in result_of:  # identical allocations (a fallback to uniform) are evaluated once
                 result_of[key] = task.evaluate(session, allocation, f"evaluation {name} {budget.label}")
             metrics = allocation_metrics(session.layers, allocation.choices, session.float_bytes)
+            row_keys.append(key)
             record["rows"].append({
                 "budget": budget.label, "strategy": name, "score": result_of[key]["score"],
-                "details": {k: v for k, v in result_of[key].items() if k != "score"}, "allocation_s": seconds,
+                "details": result_details(result_of[key]), "allocation_s": seconds,
                 "calibration_loss": session.calibration_loss(allocation), "metrics": metrics, **used,
                 "selected_round": (allocation.solver or {}).get("selected_round"),
                 "bits": {k: v.label for k, v in allocation.choices.items()}})
@@ -136,6 +140,9 @@ def main() -> None:
                         budget.label, name, task.metric, 100 * result_of[key]["score"], metrics["avg_weight_bits"],
                         metrics["avg_act_bits"], seconds, used["backward_passes"])
             write_json_atomic(json_path, record)
+        if task.compare is not None and "uniform" in args.strategies:
+            compare_with_uniform(task, record, row_keys, result_of, budget.label)
+            write_json_atomic(json_path, record)
 
     write_text_atomic(args.out / f"{stem}.md", render_tables(record))
     plot_top1(record, args.out / f"{stem}_{'top1' if task.metric == 'top-1' else 'ap'}.png")
@@ -143,6 +150,21 @@ def main() -> None:
         plot_bits_per_layer(args.out / f"{stem}_bits.png", session.layers, plotted,
                             title=f"{args.model}: bits per layer, plain Fisher against LampQ")
     logger.info("wrote %s, %s.md and the plots", json_path, args.out / stem)
+
+
+def compare_with_uniform(task, record: dict, row_keys: list, result_of: dict, budget: str) -> None:
+    """Add to each row at ``budget`` a paired bootstrap of its score minus the uniform row's."""
+    rows = [(row, key) for row, key in zip(record["rows"], row_keys) if row["budget"] == budget]
+    baseline = next(result_of[key] for row, key in rows if row["strategy"] == "uniform")
+    for row, key in rows:
+        if row["strategy"] == "uniform":
+            continue
+        comparison = task.compare(result_of[key], baseline)
+        row["details"]["vs_uniform"] = comparison
+        logger.info("%s %s − uniform: %+.2f points, %.0f%% interval [%+.2f, %+.2f], better in %.0f%% of %d "
+                    "resamples", budget, row["strategy"], 100 * comparison["delta"], 100 * comparison["level"],
+                    100 * comparison["low"], 100 * comparison["high"], 100 * comparison["positive"],
+                    comparison["resamples"])
 
 
 def load_benchmark_task(config: RunConfig) -> tuple[LoadedTask, dict]:
@@ -213,6 +235,15 @@ def render_tables(record: dict) -> str:
         lines += _table(record, f"AP per class (%): {' / '.join(classes)}; FP32 "
                         + " / ".join(f"{100 * fp32['per_class'][c]:.1f}" for c in classes) + ":",
                         lambda r: " / ".join(f"{100 * r['details']['per_class'][c]:.1f}" for c in classes))
+    if any("vs_uniform" in row["details"] for row in record["rows"]):  # detection: paired bootstrap
+        def versus(row):
+            comparison = row["details"].get("vs_uniform")
+            if comparison is None:
+                return "—"
+            return (f"{100 * comparison['delta']:+.2f} [{100 * comparison['low']:+.2f}, "
+                    f"{100 * comparison['high']:+.2f}]")
+        lines += _table(record, "Score minus uniform at the same budget (points), with the 95% paired-bootstrap "
+                        "interval over test images:", versus)
     lines += _table(record, "Average weight / activation bits and model size (MB):",
                     lambda r: f"{r['metrics']['avg_weight_bits']:.2f} / {r['metrics']['avg_act_bits']:.2f}, "
                               f"{r['metrics']['size_mb']:.2f}")

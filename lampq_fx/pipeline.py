@@ -127,6 +127,14 @@ class RunConfig:
     progress: bool = True
 
 
+RAW_RESULT_KEYS = ("score", "predictions")
+
+
+def result_details(result: dict | None) -> dict:
+    """Return the JSON-ready part of an evaluation result: everything but the score and raw predictions."""
+    return {key: value for key, value in (result or {}).items() if key not in RAW_RESULT_KEYS}
+
+
 @dataclass
 class LoadedTask:
     model: nn.Module
@@ -135,8 +143,11 @@ class LoadedTask:
     description: str
     metric: str = "top-1"
     loss_fn: object | None = None  # None: per-sample cross-entropy
-    # evaluator(session, bits, description) -> {"score": fraction, ...details}; None: top-1 on ``evaluation``
+    # evaluator(session, bits, description) -> {"score": fraction, ...details}; None: top-1 on ``evaluation``.
+    # Keys in RAW_RESULT_KEYS (per-image predictions) are for ``compare`` and stay out of reports.
     evaluator: object | None = None
+    # compare(first_result, second_result) -> dict: how far the test set supports the score difference
+    compare: object | None = None
     # pseudo_targets(images) -> targets for ``loss_fn``, for --calib synthetic/noise; None: top-1 labels
     pseudo_targets: object | None = None
     # the largest batch whose backward pass fits in memory (None: no limit)
@@ -304,7 +315,7 @@ def _load_detection_task(config: RunConfig) -> LoadedTask:
     """Load the BCCD ViT-S/14 FCOS detector task: LampQ uses its FCOS loss, evaluation is COCO box AP."""
     from lampq_fx.detection.bccd import CLASSES, build_bccd_detector, load_images, to_original
     from lampq_fx.detection.data import read_voc
-    from lampq_fx.detection.evaluate import coco_evaluate
+    from lampq_fx.detection.evaluate import coco_evaluate, paired_bootstrap_ap
     from lampq_fx.detection.model import detection_loss
     if config.model not in (REFERENCE_MODEL, "bccd-vits-fcos"):
         raise ValueError("--task detection supports the shipped BCCD detector only (--model bccd-vits-fcos)")
@@ -329,9 +340,14 @@ def _load_detection_task(config: RunConfig) -> LoadedTask:
                     detections += model.decode(session.graph_module(test_images[start:start + 8]))
         finally:
             session.apply(None)
-        result = coco_evaluate(test, to_original(detections, test_scales))
+        predictions = to_original(detections, test_scales)
+        result = coco_evaluate(test, predictions)
         logger.info("%s: box AP %.3f, AP50 %.3f", description, result["AP"], result["AP50"])
-        return {"score": result["AP"], **result}
+        return {"score": result["AP"], **result, "predictions": predictions}
+
+    def compare(first: dict, second: dict) -> dict:
+        """Paired bootstrap over the test images of box AP(first) − AP(second)."""
+        return paired_bootstrap_ap(test, first["predictions"], second["predictions"])
 
     def pseudo_targets(images: torch.Tensor) -> list[dict]:
         """Return the detector's own detections with score ≥ 0.3 as box targets."""
@@ -344,7 +360,7 @@ def _load_detection_task(config: RunConfig) -> LoadedTask:
     return LoadedTask(model, CalibrationSet(calib_images, calib_targets), None,
                       f"BCCD ViT-S/14 FCOS detector, {len(train)} calibration images, {len(test)} test images",
                       metric="box AP", loss_fn=detection_loss(model), evaluator=evaluator,
-                      pseudo_targets=pseudo_targets, max_batch_size=DETECTION_BATCH)
+                      compare=compare, pseudo_targets=pseudo_targets, max_batch_size=DETECTION_BATCH)
 
 
 def load_task(config: RunConfig) -> LoadedTask:
@@ -427,7 +443,7 @@ def run(config: RunConfig) -> dict:
             top1 = result["score"] if result else None
             metrics = allocation_metrics(session.layers, allocation.choices, session.float_bytes)
             rows.append({"budget": budget.label, "strategy": method.name, "top1": top1, "metrics": metrics,
-                         "details": {k: v for k, v in (result or {}).items() if k != "score"}})
+                         "details": result_details(result)})
             allocations[method.name] = allocation
             used.append(allocation)
             logger.info("%s %s: %s %s, avg W bits %.2f, avg A bits %.2f", budget.label, method.name, task.metric,
@@ -448,7 +464,7 @@ def run(config: RunConfig) -> dict:
         "task": task.description,
         "fp32_top1": fp32_top1,
         "metric": task.metric,
-        "fp32_details": {k: v for k, v in (fp32 or {}).items() if k != "score"},
+        "fp32_details": result_details(fp32),
         "results": rows,
         "budgets": summary_budgets,
         "seed": config.seed,

@@ -26,7 +26,8 @@ from lampq_fx.deploy.kernels import (
     int4_kernel_available,
     unpack_int4_codes,
 )
-from lampq_fx.deploy.lowering import FLOAT, INT4_WEIGHT_ONLY, INT8_STATIC, op_table
+from lampq_fx.deploy.attention import fuse_float_attention, fused_attention
+from lampq_fx.deploy.lowering import FLOAT, INT4_WEIGHT_ONLY, INT8_STATIC, TorchAOFXBackend, op_table
 from lampq_fx.quantize.quantizers import quantize_weight_per_channel
 from lampq_fx.session import CalibrationSet, LampQSession
 
@@ -210,8 +211,15 @@ def test_op_table_lists_float_ops(wide_session):
     assert rows[("Int8Linear", "int8 (x86 oneDNN), per-channel input, FP32 output")] == 5  # after a LayerNorm
     assert rows[("Int8PatchConv", "int8 (x86 oneDNN), per-tensor input, FP32 output")] == 1
     assert rows[("LayerNorm", "float32")] == 5
-    assert rows[("softmax", "float32")] == 2
     assert rows[("gelu", "float32")] == 2
+    # q·kᵀ, scale, softmax and attn·v of each block run as one fused float call
+    assert rows[("fused_attention", "float32")] == 2
+    assert not any(op in ("matmul", "softmax", "mul") for op, _ in rows)
+    unfused = lower_session(wide_session, {l.name: (8, 8) if l.has_weight else (None, None)
+                                           for l in wide_session.layers},
+                            backend=TorchAOFXBackend(fuse_attention=False))
+    rows = {(row["op"], row["runs_on"]): row["count"] for row in op_table(unfused.module)}
+    assert rows[("softmax", "float32")] == 2
     assert rows[("matmul", "float32")] == 4
 
 
@@ -348,7 +356,7 @@ def test_bf16_float_parts(wide_session, tmp_path):
     assert output.dtype == torch.float32
     rows = {(row["op"], row["runs_on"]): row["count"] for row in lowered.op_table()}
     assert rows[("LayerNorm", "bfloat16")] == 5
-    assert rows[("softmax", "bfloat16")] == 2
+    assert rows[("fused_attention", "bfloat16")] == 2
     # BF16 keeps 8 significant bits: logits move by a few percent of their spread, not more.
     assert float((output - reference).abs().max()) <= 0.05 * float(reference.abs().max())
     result = compare_with_simulation(wide_session, lowered, [(images, wide_session.calibration.labels)])
@@ -380,3 +388,61 @@ def test_int4_fp32_path_matches_simulation(wide_session):
                                     [(images, wide_session.calibration.labels)])
     assert result["mean_abs_diff"] < exact["mean_abs_diff"]  # no BF16 rounding left in the int4 layers
     assert result["max_abs_diff"] < 1e-3
+
+
+def _explicit_attention(q, k, v, mask, scale):
+    scores = q @ k.transpose(-2, -1) * scale
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(dim=-1) @ v
+
+
+def test_fused_attention_matches_explicit_ops():
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=generator) for _ in range(3))
+    additive = torch.randn(7, 7, generator=generator)
+    for mask in (None, additive):
+        assert torch.allclose(fused_attention(q, k, v, mask, 0.35), _explicit_attention(q, k, v, mask, 0.35),
+                              rtol=1e-5, atol=1e-6)
+    boolean = torch.rand(7, 7, generator=generator) > 0.5  # added to the scores, as the traced ops did
+    assert torch.allclose(fused_attention(q, k, v, boolean, 0.35), _explicit_attention(q, k, v, boolean, 0.35),
+                          rtol=1e-5, atol=1e-6)
+    learned = torch.tensor(0.35)  # a tensor scale takes the explicit ops too
+    assert torch.allclose(fused_attention(q, k, v, additive, learned), _explicit_attention(q, k, v, additive, 0.35),
+                          rtol=1e-5, atol=1e-6)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, keep_probs: bool = False) -> None:
+        super().__init__()
+        self.keep_probs = keep_probs
+        self.drop = torch.nn.Dropout(0.1)
+
+    def forward(self, q, k, v):
+        probs = ((q * 0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = self.drop(probs) @ v
+        return (out, probs) if self.keep_probs else out
+
+
+def test_fusion_rewrites_whole_chains_only():
+    q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
+    traced = torch.fx.symbolic_trace(_Attention().eval())
+    reference = traced(q, k, v)
+    assert fuse_float_attention(traced) == 1
+    assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == [fused_attention]
+    assert torch.allclose(traced(q, k, v), reference, rtol=1e-5, atol=1e-6)
+    with_probs = torch.fx.symbolic_trace(_Attention(keep_probs=True).eval())  # the probabilities are an output
+    assert fuse_float_attention(with_probs) == 0
+    training = torch.fx.symbolic_trace(_Attention().train())  # dropout is live: not the fused op
+    assert fuse_float_attention(training) == 0
+
+
+def test_fused_lowering_matches_unfused(wide_session):
+    bits = _mixed_bits(wide_session)
+    fused = lower_session(wide_session, bits, int4_dtype=torch.float32)
+    unfused = lower_session(wide_session, bits, int4_dtype=torch.float32,
+                            backend=TorchAOFXBackend(fuse_attention=False))
+    images = wide_session.calibration.images
+    with torch.no_grad():
+        difference = (fused(images) - unfused(images)).abs().max()
+    assert float(difference) < 1e-4

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lampq_fx.detection import DetectionDataError, coco_evaluate, from_coco, read_voc, to_coco
+from lampq_fx.detection.evaluate import paired_bootstrap_ap
 
 pytest.importorskip("pycocotools")
 
@@ -81,6 +82,26 @@ def test_shifted_boxes_lose_strict_ap(tmp_path):
     result = coco_evaluate(dataset, predictions)
     assert result["AP50"] == pytest.approx(1.0)
     assert result["AP75"] == pytest.approx(0.0)
+
+
+def test_paired_bootstrap_of_ap(tmp_path):
+    _write_voc(tmp_path)
+    dataset = read_voc(tmp_path, "train")
+    truth = [{"boxes": r.boxes, "scores": torch.ones(len(r.boxes)), "labels": r.labels} for r in dataset.records]
+    missing = [{**prediction, "scores": prediction["scores"][:0], "boxes": prediction["boxes"][:0],
+                "labels": prediction["labels"][:0]} if index == 2 else prediction
+               for index, prediction in enumerate(truth)]  # the third image's boxes are not found
+    result = paired_bootstrap_ap(dataset, truth, missing, resamples=30, seed=1)
+    expected = 1.0 - coco_evaluate(dataset, missing)["AP"]
+    assert result["delta"] == pytest.approx(expected)
+    assert 0.0 <= result["low"] <= result["high"] <= 1.0
+    assert result["positive"] > 0.5  # every draw that contains the third image favours the truth
+    same = paired_bootstrap_ap(dataset, truth, truth, resamples=10)
+    assert (same["delta"], same["low"], same["high"], same["positive"]) == (0.0, 0.0, 0.0, 0.0)
+    again = paired_bootstrap_ap(dataset, truth, missing, resamples=30, seed=1)
+    assert again == result
+    with pytest.raises(ValueError, match="2 and 3 predictions for 3 images"):
+        paired_bootstrap_ap(dataset, truth[:2], truth)
 
 
 def test_detection_data_errors(tmp_path):

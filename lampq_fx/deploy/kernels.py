@@ -232,9 +232,14 @@ class Int4WeightOnlyLinear(nn.Module):
                 # Per-channel codes: multiply by the integer codes (exact in BF16), scale the outputs.
                 centered = unpack_int4_centered(self.packed_weight, self.out_features, self.in_features,
                                                 self.dense_dtype)
-                out = F.linear(rows.to(self.dense_dtype), centered).to(x.dtype)  # rounded once, in BF16
+                out = F.linear(rows.to(self.dense_dtype), centered)  # rounded once, in BF16
+                # One new tensor in the output dtype, then scale and bias in place: a fresh
+                # large tensor costs page faults, which cost more than the arithmetic.
+                out = out.to(x.dtype)
                 scale = self.channel_scale.to(x.dtype)
-                out = torch.addcmul(self.bias.to(x.dtype), out, scale) if self.bias is not None else out * scale
+                if self.bias is None:
+                    return out.mul_(scale).reshape(*shape[:-1], self.out_features)
+                out = torch.addcmul(self.bias.to(x.dtype), out, scale, out=out)
                 return out.reshape(*shape[:-1], self.out_features)
             out = F.linear(rows.to(self.dense_dtype), self.unpacked_weight())
         else:
@@ -363,7 +368,7 @@ class Int8Linear(nn.Module):
         codes = self.quantize_input(x.reshape(-1, self.in_features).float().contiguous())
         out = self._gemm(codes, self._packed[0], self.weight_scale, self.bias)
         if len(self._packed) > 1:
-            out = out + self._gemm(codes, self._packed[1], self.residual_scale, None)
+            out.add_(self._gemm(codes, self._packed[1], self.residual_scale, None))
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:

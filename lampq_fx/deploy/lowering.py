@@ -18,7 +18,9 @@ Kernel map, per layer of the allocation:
   AMX. Convolutions and layers whose input width is not a multiple of 32 have no int4
   kernel and go to int8.
 * Activation-by-activation matmuls (q·kᵀ, attn·v), LayerNorm, GELU and softmax stay
-  float32: the x86 backend has no integer kernel for them.
+  float32: the x86 backend has no integer kernel for them. Each attention's q·kᵀ,
+  scale, mask, softmax and attn·v then run as one ``F.scaled_dot_product_attention``
+  call (``deploy/attention.py``), as eager timm does.
 
 Every change of bit-width is a ``LayerPlan`` with a reason, logged as one warning and
 listed in the report. ``simulated_bits`` gives the allocation after promotion, which
@@ -43,6 +45,7 @@ import torch.fx as fx
 from torch import nn
 
 from lampq_fx.analysis.layer_types import LayerInfo, LayerKind
+from lampq_fx.deploy.attention import fuse_float_attention
 from lampq_fx.deploy.kernels import (
     GROUP_SIZES,
     INT4_OUT_MULTIPLE,
@@ -201,12 +204,14 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 class TorchAOFXBackend:
     """``torch.ao.quantization`` FX mode (prepare_fx / convert_fx) on the x86 backend."""
 
-    def __init__(self, reduce_range: bool = False, fp32_output: bool = True) -> None:
+    def __init__(self, reduce_range: bool = False, fp32_output: bool = True, fuse_attention: bool = True) -> None:
         # reduce_range=True (torch's x86 default) keeps 7-bit activations, which avoids
         # overflow in the AVX2 u8·s8 instruction; VNNI and AMX machines do not need it.
         self.reduce_range = reduce_range
         # fp32_output: static int8 Linear layers run as Int8Linear (simulated input ranges, FP32 output)
         self.fp32_output = fp32_output
+        # fuse_attention: the float q·kᵀ, softmax and attn·v run as one scaled_dot_product_attention
+        self.fuse_attention = fuse_attention
         self.name = "torch.ao-fx-x86" + ("+onednn-fp32-out" if fp32_output else "")
 
     def _qconfig_mapping(self, plans: Sequence[LayerPlan]):
@@ -247,6 +252,8 @@ class TorchAOFXBackend:
                 _set_submodule(converted, plan.name, _int4_module(float_model.get_submodule(plan.name)))
         converted.graph.lint()
         converted.recompile()
+        if self.fuse_attention:
+            fuse_float_attention(converted)
         return converted
 
     @torch.no_grad()
