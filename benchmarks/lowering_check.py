@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from lampq_fx.deploy import compare_with_simulation, load_lowered, lower_session, save_lowered
-from lampq_fx.deploy.lowering import plan_table
 from lampq_fx.pipeline import REFERENCE_MODEL, VITS_CIFAR_MODEL, RunConfig, create_model, load_task
 from lampq_fx.session import LampQSession
 
@@ -82,7 +81,7 @@ def main() -> None:
     result.update({"model": args.model, "budget": args.budget, "strategy": args.strategy, "lowering_s": lowering_s,
                    "int4_dtype": args.int4_dtype, "float_dtype": args.float_dtype,
                    "reload_identical": identical, "promoted_layers": sum(p.promoted for p in lowered.plans),
-                   "plan_table": plan_table(lowered.plans)})
+                   "plan_table": lowered.plan_table()})
     logger.info("%s %s %s: agreement %.2f%%, max |Δlogit| %.4f, mean %.5f, simulated top-1 %.2f%%, lowered "
                 "%.2f%%, reload identical %s", args.model, args.strategy, args.budget, 100 * result["top1_agreement"],
                 result["max_abs_diff"], result["mean_abs_diff"], 100 * result["simulated_top1"],

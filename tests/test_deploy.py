@@ -357,6 +357,10 @@ def test_bf16_float_parts(wide_session, tmp_path):
     rows = {(row["op"], row["runs_on"]): row["count"] for row in lowered.op_table()}
     assert rows[("LayerNorm", "bfloat16")] == 5
     assert rows[("fused_attention", "bfloat16")] == 2
+    plans = lowered.plan_table()
+    assert "| a8 | abf16 | bfloat16 |" in plans  # the attention matmuls' activations run in BF16
+    assert "w4abf16" in plans
+    assert "w4afp32" in lower_session(wide_session, bits, int4_dtype=torch.float32).plan_table()
     # BF16 keeps 8 significant bits: logits move by a few percent of their spread, not more.
     assert float((output - reference).abs().max()) <= 0.05 * float(reference.abs().max())
     result = compare_with_simulation(wide_session, lowered, [(images, wide_session.calibration.labels)])
@@ -435,6 +439,23 @@ def test_fusion_rewrites_whole_chains_only():
     assert fuse_float_attention(with_probs) == 0
     training = torch.fx.symbolic_trace(_Attention().train())  # dropout is live: not the fused op
     assert fuse_float_attention(training) == 0
+
+
+class _WeightedScores(torch.nn.Module):
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(tokens, tokens) + 0.5)
+
+    def forward(self, q, k, v):
+        return ((q @ k.transpose(-2, -1)) * self.weight).softmax(dim=-1) @ v
+
+
+def test_fusion_keeps_per_score_weights():
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))  # 6 tokens, head size 4
+    traced = torch.fx.symbolic_trace(_WeightedScores(6).eval())
+    reference = traced(q, k, v)
+    fuse_float_attention(traced)
+    assert torch.allclose(traced(q, k, v), reference, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_lowering_matches_unfused(wide_session):

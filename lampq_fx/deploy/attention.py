@@ -38,14 +38,15 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
                     scale: float | torch.Tensor) -> torch.Tensor:
     """Compute softmax(scale · q·kᵀ + mask)·v, on the fused kernel when the mask is float or absent.
 
-    A mask of another dtype (boolean) is added to the scores as the traced model did,
-    and a tensor scale (a learned temperature) also takes the explicit ops.
+    A mask of another dtype (boolean) is added to the scores as the traced model did.
+    A tensor scale (a learned temperature, or weights per score) also takes the
+    explicit ops, and multiplies the scores as the traced model did.
     """
     if (mask is None or mask.is_floating_point()) and not isinstance(scale, torch.Tensor):
         if mask is not None:
             mask = mask.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=float(scale))
-    scores = (q * scale) @ k.transpose(-2, -1)
+    scores = (q @ k.transpose(-2, -1)) * scale  # a tensor scale may vary per score, so it scales the scores
     if mask is not None:
         scores = scores + mask
     return scores.softmax(dim=-1) @ v
@@ -68,7 +69,7 @@ def _arg(node: fx.Node, index: int, keyword: str, default=None):
 def _is_last_dim_softmax(node: fx.Node) -> bool:
     is_softmax = (node.op == "call_method" and node.target == "softmax") or \
         (node.op == "call_function" and node.target in (torch.softmax, F.softmax))
-    return is_softmax and _arg(node, 1, "dim") == -1 and node.kwargs.get("dtype") is None
+    return is_softmax and _arg(node, 1, "dim") == -1 and _arg(node, 2, "dtype") is None
 
 
 def _is_inference_dropout(model: fx.GraphModule, node: fx.Node) -> bool:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lampq_fx.deploy.lowered import LoweredModel, load_lowered, lower_session, save_lowered
-from lampq_fx.deploy.lowering import format_op_table, plan_table
+from lampq_fx.deploy.lowering import format_op_table
 from lampq_fx.io import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def run_bench(model_factory: Callable[[], nn.Module], session_factory: Callable[
                                         float_dtype=torch.bfloat16 if name.endswith("-bf16") else torch.float32,
                                         label=f"bench variant {name}")
                 saved[name] = save_lowered(Path(scratch) / name, lowered)
-                record["lowering"][name] = {"op_table": lowered.op_table(), "plan_table": plan_table(lowered.plans),
+                record["lowering"][name] = {"op_table": lowered.op_table(), "plan_table": lowered.plan_table(),
                                             "weight_bytes": lowered.weight_bytes()}
                 del lowered
         del session
@@ -197,7 +197,7 @@ def _add_ratios(record: dict) -> None:
 
 
 def render_bench(record: dict) -> str:
-    lines = [f"Task: {record['task']}. torch {record['torch']}, {record['threads']} threads, int8 mode "
+    lines = [f"Task: {record['task']}. torch {record['torch']}, {record['threads']} thread{'s' if record['threads'] != 1 else ''}, int8 mode "
              f"{record['mode']}, {record['warmup']} warm-up and {record['runs']} timed calls per point, "
              f"{record['date']}.", "",
              "| variant | batch | median (ms) | p10-p90 (ms) | images/s | × FP32 | × BF16 | weight MB | "

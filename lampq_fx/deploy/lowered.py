@@ -32,6 +32,7 @@ from lampq_fx.deploy.lowering import (
     default_backend,
     op_table,
     plan_lowering,
+    plan_table,
     plans_from_dicts,
     plans_to_dicts,
     simulated_bits,
@@ -87,6 +88,9 @@ class LoweredModel:
 
     def op_table(self) -> list[dict]:
         return op_table(self.module, self.float_dtype)
+
+    def plan_table(self) -> str:
+        return plan_table(self.plans, self.float_dtype, self.int4_dtype)
 
     def weight_bytes(self) -> int:
         return lowered_weight_bytes(self.module)

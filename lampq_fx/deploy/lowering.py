@@ -393,13 +393,26 @@ def default_backend() -> LoweringBackend:
     return TorchAOFXBackend()
 
 
-def plan_table(plans: Sequence[LayerPlan]) -> str:
-    """Markdown: one row per layer whose bits changed, with the reason."""
+def plan_table(plans: Sequence[LayerPlan], float_dtype: torch.dtype = torch.float32,
+               int4_dtype: torch.dtype = torch.bfloat16) -> str:
+    """Markdown: one row per layer whose bits changed, with the reason.
+
+    ``float_dtype`` and ``int4_dtype`` are the lowered model's: float layers and int4
+    activations are labelled with the dtype they run in.
+    """
+    float_name = "bf16" if float_dtype == torch.bfloat16 else "32"
+    int4_name = "BF16" if int4_dtype == torch.bfloat16 else "FP32"
     rows = ["| layer | type | allocated | lowered | kernel | reason |", "|---|---|---|---|---|---|"]
     for p in plans:
-        if p.promoted:
-            rows.append(f"| {p.name} | {p.layer_type} | {_label(p.requested)} | {_label(p.bits, p.kernel)} | {p.kernel} | "
-                        f"{p.reason} |")
+        if not p.promoted:
+            continue
+        lowered, kernel, reason = _label(p.bits, p.kernel), p.kernel, p.reason
+        if p.kernel == INT4_WEIGHT_ONLY:
+            lowered = lowered.replace("abf16", f"a{int4_name.lower()}")
+            reason = reason.replace("activations run in BF16", f"activations run in {int4_name}")
+        elif p.kernel == FLOAT and float_name == "bf16":
+            lowered, kernel = lowered.replace("a32", "abf16"), "bfloat16"
+        rows.append(f"| {p.name} | {p.layer_type} | {_label(p.requested)} | {lowered} | {kernel} | {reason} |")
     return "\n".join(rows) if len(rows) > 2 else "No layer changed bit-width."
 
 
