@@ -155,11 +155,11 @@ def main() -> None:
 def compare_with_uniform(task, record: dict, row_keys: list, result_of: dict, budget: str) -> None:
     """Add to each row at ``budget`` a paired bootstrap of its score minus the uniform row's."""
     rows = [(row, key) for row, key in zip(record["rows"], row_keys) if row["budget"] == budget]
-    baseline = next(result_of[key] for row, key in rows if row["strategy"] == "uniform")
+    uniform_key = next(key for row, key in rows if row["strategy"] == "uniform")
     for row, key in rows:
-        if row["strategy"] == "uniform":
+        if key == uniform_key:  # uniform itself, or a strategy that fell back to it: nothing to compare
             continue
-        comparison = task.compare(result_of[key], baseline)
+        comparison = task.compare(result_of[key], result_of[uniform_key])
         row["details"]["vs_uniform"] = comparison
         logger.info("%s %s − uniform: %+.2f points, %.0f%% interval [%+.2f, %+.2f], better in %.0f%% of %d "
                     "resamples", budget, row["strategy"], 100 * comparison["delta"], 100 * comparison["level"],
