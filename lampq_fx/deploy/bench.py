@@ -197,7 +197,8 @@ def _add_ratios(record: dict) -> None:
 
 
 def render_bench(record: dict) -> str:
-    lines = [f"Task: {record['task']}. torch {record['torch']}, {record['threads']} thread{'s' if record['threads'] != 1 else ''}, int8 mode "
+    threads = f"{record['threads']} thread" + ("s" if record["threads"] != 1 else "")
+    lines = [f"Task: {record['task']}. torch {record['torch']}, {threads}, int8 mode "
              f"{record['mode']}, {record['warmup']} warm-up and {record['runs']} timed calls per point, "
              f"{record['date']}.", "",
              "| variant | batch | median (ms) | p10-p90 (ms) | images/s | × FP32 | × BF16 | weight MB | "

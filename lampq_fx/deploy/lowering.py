@@ -18,9 +18,9 @@ Kernel map, per layer of the allocation:
   AMX. Convolutions and layers whose input width is not a multiple of 32 have no int4
   kernel and go to int8.
 * Activation-by-activation matmuls (q·kᵀ, attn·v), LayerNorm, GELU and softmax stay
-  float32: the x86 backend has no integer kernel for them. Each attention's q·kᵀ,
-  scale, mask, softmax and attn·v then run as one ``F.scaled_dot_product_attention``
-  call (``deploy/attention.py``), as eager timm does.
+  float32: the x86 backend has no integer kernel for them. The q·kᵀ, scale, mask,
+  softmax and attn·v of a timm-style attention then run as one
+  ``F.scaled_dot_product_attention`` call (``deploy/attention.py``), as eager timm does.
 
 Every change of bit-width is a ``LayerPlan`` with a reason, logged as one warning and
 listed in the report. ``simulated_bits`` gives the allocation after promotion, which
