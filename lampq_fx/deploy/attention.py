@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm)
 _MASK_FUNCTIONS = ("maybe_add_mask",)  # timm: scores + mask when a mask is given
 _MASK_BUILDERS = ("resolve_self_attn_mask",)  # timm: the additive mask, in the scores' dtype
+# NOTE: the decomposed nn.MultiheadAttention adds its mask with a plain `+` and reads
+# scores.dtype to build it, so a masked one is not fused: correct, but not faster.
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
