@@ -143,8 +143,8 @@ class LoadedTask:
     description: str
     metric: str = "top-1"
     loss_fn: object | None = None  # None: per-sample cross-entropy
-    # evaluator(session, bits, description) -> {"score": fraction, ...details}; None: top-1 on ``evaluation``.
-    # Keys in RAW_RESULT_KEYS (per-image predictions) are for ``compare`` and stay out of reports.
+    # evaluator(session, bits, description) -> {"score": fraction, ...details}. Without one, top-1 on
+    # ``evaluation`` is scored. Keys in RAW_RESULT_KEYS (per-image predictions) feed ``compare``, not reports.
     evaluator: object | None = None
     # compare(first_result, second_result) -> dict: how far the test set supports the score difference
     compare: object | None = None
@@ -346,7 +346,7 @@ def _load_detection_task(config: RunConfig) -> LoadedTask:
         return {"score": result["AP"], **result, "predictions": predictions}
 
     def compare(first: dict, second: dict) -> dict:
-        """Paired bootstrap over the test images of box AP(first) − AP(second)."""
+        """Bootstrap box AP(first) − AP(second) over the test images, both scored on each draw."""
         return paired_bootstrap_ap(test, first["predictions"], second["predictions"])
 
     def pseudo_targets(images: torch.Tensor) -> list[dict]:

@@ -467,3 +467,5 @@ def test_fused_lowering_matches_unfused(wide_session):
     with torch.no_grad():
         difference = (fused(images) - unfused(images)).abs().max()
     assert float(difference) < 1e-4
+    assert {row["op"]: row["count"] for row in fused.op_table()}["fused_attention"] == 2
+    assert "fused_attention" not in {row["op"] for row in unfused.op_table()}
